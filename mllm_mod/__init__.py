@@ -1,0 +1,34 @@
+"""mllm-mod: Mixture-of-Depths for multimodal LLMs on stock Hugging Face transformers."""
+
+__version__ = "0.1.0"
+
+from .adapters import adapter_for, supported_model_types
+from .config import PRESETS, MoDConfig, preset
+from .layer import MoDLayer, RoutingContext
+from .retrofit import (
+    from_pretrained,
+    layer_ratios,
+    load_mod,
+    mod_state_dict,
+    retrofit,
+    save_mod,
+    unload,
+)
+
+__all__ = [
+    "PRESETS",
+    "MoDConfig",
+    "MoDLayer",
+    "RoutingContext",
+    "__version__",
+    "adapter_for",
+    "from_pretrained",
+    "layer_ratios",
+    "load_mod",
+    "mod_state_dict",
+    "preset",
+    "retrofit",
+    "save_mod",
+    "supported_model_types",
+    "unload",
+]

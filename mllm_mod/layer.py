@@ -1,0 +1,241 @@
+"""The MoD wrapper around a stock pre-norm decoder layer: score -> select -> gather -> run -> scatter.
+
+The wrapped layer is kept as ``base_layer`` and its own submodules do the work (input norm, attention
+through transformers' attention registry, post-attention norm, MLP), so every attention backend,
+weight format and checkpoint key of the stock model is untouched. Only the kept tokens go through the
+layer; they keep their original positions (RoPE sees the real indices, with gaps) and attend causally
+to the kept subset, and to the layer's own compact cache when generating.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cache import mod_cache_layer
+from .config import MoDConfig
+from .masks import SDPA_LIKE, allowed_pairs, backend_mask
+from .router import build_router, token_weights
+from .select import topk_per_group, topk_per_sample
+
+logger = logging.getLogger(__name__)
+
+BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+@dataclass
+class LayerStats:
+    """What one MoD layer did in one forward, per sample ([B] tensors on the CPU)."""
+
+    layer_idx: int
+    tokens: torch.Tensor  # tokens of the chunk (padding excluded)
+    candidates: torch.Tensor  # routable tokens
+    kept: torch.Tensor  # tokens that went through the layer (padding excluded)
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward routing inputs, made by the adapter from `input_ids` and passed to every layer.
+
+    candidates [B, T]: tokens that may be skipped (vision tokens of the current chunk).
+    groups [B, T]: group id per token for per-group selection (video frames), -1 outside groups.
+    attention_mask [B, S]: the 2-D padding mask of past + current tokens (1 = real), or None.
+    stats: when a list, each MoD layer appends its `LayerStats` (used by `efficiency`).
+    """
+
+    candidates: torch.Tensor | None
+    groups: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    stats: list[LayerStats] | None = field(default=None)
+
+
+def combine_kept(
+    x: torch.Tensor, h: torch.Tensor, m: torch.Tensor, w: torch.Tensor, routed: torch.Tensor, rule: str
+) -> torch.Tensor:
+    """Output of tokens that went through the layer. x, h = x + attn, m = mlp(norm(h)): [B, Tk, D]."""
+    dense = h + m  # the stock block's output
+    wd = w.to(x.dtype)[..., None]  # [B, Tk, 1]
+    if rule == "string":
+        out = h + wd * m  # only the MLP branch is reweighted
+    elif rule == "output":
+        out = wd * dense
+    else:  # "mod"
+        out = x + wd * (dense - x)
+    return torch.where(routed[..., None], out, dense)  # non-routed tokens (text) are the ordinary block
+
+
+def combine_skipped(x: torch.Tensor, w: torch.Tensor, rule: str) -> torch.Tensor:
+    """Output of tokens that skip the layer ([B, T, D]); STRing scales them by w, other rules pass x."""
+    return x * w.to(x.dtype)[..., None] if rule == "string" else x
+
+
+class MoDLayer(nn.Module):
+    """A decoder layer in which only the selected routed tokens (and every non-routed token) are computed."""
+
+    def __init__(self, base_layer: nn.Module, layer_idx: int, ratio: float, config: MoDConfig, hidden_size: int):
+        super().__init__()
+        missing = [name for name in BLOCK_PARTS if not hasattr(base_layer, name)]
+        if missing:
+            raise TypeError(
+                f"{type(base_layer).__name__} is not a pre-norm decoder layer (missing {missing}); "
+                "MoD layers wrap Llama-, Mistral- and Qwen2-style layers"
+            )
+        self.base_layer = base_layer
+        device = next(base_layer.parameters()).device
+        self.router = build_router(config, hidden_size, device=device)
+        self.layer_idx = layer_idx
+        self.ratio = ratio
+        self.mod_config = config
+        self.gradient_checkpointing = False  # set by HF's gradient_checkpointing_enable
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, ratio={self.ratio:.6f}, weighting={self.mod_config.weighting!r}"
+
+    # -- routing ---------------------------------------------------------------------------------
+    def select(self, weights: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """Keep mask [B, T] from token weights [B, T] and the context's candidates/groups."""
+        if self.mod_config.selection == "group":
+            if ctx.groups is None:
+                raise ValueError(f"MoD layer {self.layer_idx} routes per group but the adapter gave no groups")
+            return topk_per_group(weights, ctx.candidates, ctx.groups, self.ratio)
+        return topk_per_sample(weights, ctx.candidates, self.ratio)
+
+    # -- the stock block on the kept tokens --------------------------------------------------------
+    def block(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``h = x + attn(norm1(x))`` and ``m = mlp(norm2(h))``, both [B, Tk, D]."""
+        base = self.base_layer
+        attn, _ = base.self_attn(
+            hidden_states=base.input_layernorm(x),
+            position_embeddings=(cos, sin),
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        h = x + attn
+        return h, base.mlp(base.post_attention_layernorm(h))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Any = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mod_routing: RoutingContext | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        x = hidden_states  # [B, T, D]
+        batch, length, dim = x.shape
+        device = x.device
+        if self.gradient_checkpointing and self.training:
+            past_key_values = None  # as the stock layers do: no cache under gradient checkpointing
+        cache_layer = mod_cache_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+        past = cache_layer.seen if cache_layer is not None else 0
+
+        ctx = mod_routing
+        routed = ctx is not None and ctx.candidates is not None and bool(ctx.candidates.any())
+        if ctx is None:
+            logger.debug("MoD layer %d: no routing context (no input_ids?); running dense", self.layer_idx)
+        token_mask = _chunk_padding_mask(ctx, batch, length, device)  # [B, T] real tokens
+
+        if routed:
+            logits = self.router(x)  # [B, T] float32
+            weights = token_weights(logits, self.mod_config)  # [B, T]
+            candidates = ctx.candidates & token_mask  # padding is never a candidate
+            keep = self.select(weights, RoutingContext(candidates, ctx.groups))  # [B, T]
+            n_keep = keep.sum(dim=1)  # [B]
+            kept_len = int(n_keep.max())
+            # kept positions first, in original order; the tail of each row (filler slots) is masked
+            order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kept_len]  # [B, Tk]
+            filled = torch.arange(kept_len, device=device)[None, :] < n_keep[:, None]  # [B, Tk]
+        else:
+            candidates = None
+            kept_len = length
+            order = torch.arange(length, device=device).expand(batch, length)  # [B, T]
+            filled = torch.ones(batch, length, dtype=torch.bool, device=device)
+
+        gather_d = order[..., None].expand(batch, kept_len, dim)  # [B, Tk, D]
+        xk = x if not routed else x.gather(1, gather_d)  # [B, Tk, D]
+        cos, sin = position_embeddings  # [B or 1, T, hd]
+        if routed:
+            cos = cos.expand(batch, -1, -1).gather(1, order[..., None].expand(-1, -1, cos.shape[-1]))
+            sin = sin.expand(batch, -1, -1).gather(1, order[..., None].expand(-1, -1, sin.shape[-1]))
+        pos_k = position_ids.expand(batch, -1).gather(1, order) if position_ids is not None else None
+
+        q_index = past + order  # [B, Tk] original sequence index
+        q_valid = filled & token_mask.gather(1, order)  # [B, Tk]
+        if cache_layer is not None and cache_layer.index is not None:
+            k_index = torch.cat([cache_layer.index, q_index], dim=1)  # [B, S + Tk]
+            k_valid = torch.cat([cache_layer.valid, q_valid], dim=1)
+        else:
+            k_index, k_valid = q_index, q_valid
+        mask = self._attention_mask(q_index, k_index, k_valid, xk.dtype, plain_causal=(past == 0))
+
+        if self.gradient_checkpointing and self.training:
+            h, m = self._gradient_checkpointing_func(self.block, xk, mask, cos, sin, pos_k, None)
+        else:
+            h, m = self.block(xk, mask, cos, sin, pos_k, past_key_values, **kwargs)
+        if cache_layer is not None:
+            cache_layer.record(q_index, filled, q_valid, length)
+
+        if routed:
+            w_k = weights.gather(1, order)  # [B, Tk]
+            out_k = combine_kept(xk, h, m, w_k, candidates.gather(1, order), self.mod_config.weighting)
+            out = combine_skipped(x, weights, self.mod_config.weighting)  # [B, T, D]
+            out_k = torch.where(filled[..., None], out_k, out.gather(1, gather_d))  # fillers keep their value
+            out = out.scatter(1, gather_d, out_k)  # [B, T, D]
+        else:
+            out = h + m
+        if ctx is not None and ctx.stats is not None:
+            ctx.stats.append(
+                LayerStats(
+                    layer_idx=self.layer_idx,
+                    tokens=token_mask.sum(dim=1).cpu(),
+                    candidates=(candidates.sum(dim=1) if routed else torch.zeros(batch, dtype=torch.long)).cpu(),
+                    kept=(q_valid.sum(dim=1)).cpu(),
+                )
+            )
+        self._run_base_hooks(hidden_states, out)
+        return out
+
+    def _attention_mask(
+        self, q_index: torch.Tensor, k_index: torch.Tensor, k_valid: torch.Tensor, dtype: torch.dtype, plain_causal: bool
+    ) -> torch.Tensor | None:
+        attn = self.base_layer.self_attn
+        implementation = attn.config._attn_implementation
+        window = getattr(attn, "sliding_window", None)
+        if plain_causal and window is None and implementation in SDPA_LIKE and bool(k_valid.all()):
+            return None  # nothing is masked but the future: let sdpa use its causal kernels
+        return backend_mask(allowed_pairs(q_index, k_index, k_valid, window), k_valid, implementation, dtype)
+
+    def _run_base_hooks(self, hidden_states: torch.Tensor, out: torch.Tensor) -> None:
+        """Forward hooks placed on the wrapped layer (e.g. transformers' `output_hidden_states` recorder)
+        see the full-length input and output, as if the stock layer had run."""
+        base = self.base_layer
+        for hook_id, hook in base._forward_hooks.items():
+            if hook_id in base._forward_hooks_with_kwargs:
+                hook(base, (hidden_states,), {}, out)
+            else:
+                hook(base, (hidden_states,), out)
+
+
+def _chunk_padding_mask(ctx: RoutingContext | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """[B, T] bool: real (non-padding) tokens of the current chunk."""
+    if ctx is None or ctx.attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    return ctx.attention_mask[:, -length:].to(device=device, dtype=torch.bool)

@@ -1,0 +1,62 @@
+"""Attention masks for the kept subset of a MoD layer, in the format each attention backend takes.
+
+Causality is decided by each token's original sequence index, not by its slot in the gathered
+tensor, so the same rule serves prefill (gathered kept tokens), decoding against a compact cache,
+left padding, and the filler slots that make a batch rectangular.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EAGER_LIKE = ("eager",)
+SDPA_LIKE = ("sdpa",)
+FLASH_LIKE = ("flash_attention_2", "flash_attention_3")
+SUPPORTED = EAGER_LIKE + SDPA_LIKE + FLASH_LIKE
+
+
+def allowed_pairs(
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    k_valid: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Boolean [B, Tq, Tk]: query i may attend key j.
+
+    q_index [B, Tq], k_index [B, Tk]: original sequence indices; k_valid [B, Tk]: real keys (not
+    padding, not filler). A query row that would attend nothing (a padding or filler query) attends
+    its own key instead, so no row is all masked (softmax over nothing gives NaN, and NaN leaks
+    through ``0 * NaN`` in the next layer). Such rows are never read.
+    """
+    qi = q_index[:, :, None]  # [B, Tq, 1]
+    kj = k_index[:, None, :]  # [B, 1, Tk]
+    allowed = k_valid[:, None, :] & (kj <= qi)  # [B, Tq, Tk]
+    if sliding_window is not None:
+        allowed &= (qi - kj) < sliding_window
+    empty = ~allowed.any(dim=-1, keepdim=True)  # [B, Tq, 1]
+    return allowed | (empty & (kj == qi))
+
+
+def backend_mask(
+    allowed: torch.Tensor | None,
+    k_valid: torch.Tensor,
+    implementation: str,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """`allowed` [B, Tq, Tk] (None: plain causal, nothing masked) in the backend's own format."""
+    if implementation in FLASH_LIKE:
+        # flash kernels take a 2-D key padding mask and apply causality bottom-right aligned, which is
+        # what gathered order gives: kept tokens are in original order, fillers are masked keys.
+        return None if bool(k_valid.all()) else k_valid.to(torch.int32)  # [B, Tk]
+    if allowed is None:
+        if implementation in SDPA_LIKE:
+            return None  # is_causal path
+        raise AssertionError("eager attention needs an explicit mask")
+    if implementation in SDPA_LIKE:
+        return allowed[:, None]  # [B, 1, Tq, Tk], True = attend
+    if implementation in EAGER_LIKE:
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]  # additive [B, 1, Tq, Tk]
+    raise NotImplementedError(
+        f"attention implementation {implementation!r} is not supported by MoD layers; use one of {SUPPORTED}"
+    )

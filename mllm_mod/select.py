@@ -1,0 +1,54 @@
+"""Candidate selection: which routed tokens a MoD layer keeps.
+
+Everything here works on [B, T] tensors and returns a boolean keep mask; gathering and scattering
+(in `layer.py`) only ever see that mask, so new selection rules never touch them. Non-candidates
+(text, padding) are always kept. Ties are broken by position (stable sorts), so a sample selects the
+same tokens whatever padding surrounds it in a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def keep_count(n: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``trunc(n * ratio)`` computed in float32, as p-MoD does. `n` is an integer tensor."""
+    ratio32 = torch.tensor(ratio, dtype=torch.float32, device=n.device)
+    return torch.trunc(n.to(torch.float32) * ratio32).to(torch.long)
+
+
+def group_keep_count(n: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``ceil(ratio * n)`` in float32 (VideoLLM-MoD's per-frame count)."""
+    ratio32 = torch.tensor(ratio, dtype=torch.float32, device=n.device)
+    return torch.ceil(n.to(torch.float32) * ratio32).to(torch.long)
+
+
+def topk_per_sample(scores: torch.Tensor, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep the ``trunc(n_b * ratio)`` best-scoring candidates of each sample, and every non-candidate."""
+    # scores, candidates: [B, T]
+    k = keep_count(candidates.sum(dim=1), ratio)  # [B]
+    masked = scores.masked_fill(~candidates, float("-inf"))  # [B, T]
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices  # [B, T]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ~candidates | (rank < k[:, None])  # [B, T]
+
+
+def topk_per_group(scores: torch.Tensor, candidates: torch.Tensor, groups: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep ``ceil(ratio * size)`` best candidates within each group (e.g. each video frame).
+
+    `groups` [B, T] holds a group id per token (any integers; -1 or a non-candidate means no group).
+    """
+    batch, length = scores.shape
+    none = torch.iinfo(torch.long).max
+    routed = candidates & (groups >= 0)  # [B, T]: a candidate outside every group is not routed
+    gid = torch.where(routed, groups.long(), none)  # [B, T]
+    by_score = torch.sort(scores.masked_fill(~routed, float("-inf")), dim=1, descending=True, stable=True).indices
+    by_group = torch.sort(gid.gather(1, by_score), dim=1, stable=True).indices
+    order = by_score.gather(1, by_group)  # [B, T]: grouped, best first within a group
+    sorted_gid = gid.gather(1, order).contiguous()  # [B, T], non-decreasing per row
+    first = torch.searchsorted(sorted_gid, sorted_gid, side="left")  # [B, T]
+    last = torch.searchsorted(sorted_gid, sorted_gid, side="right")
+    rank_in_group = torch.arange(length, device=scores.device).expand(batch, length) - first
+    keep_sorted = (sorted_gid != none) & (rank_in_group < group_keep_count(last - first, ratio))
+    keep = torch.zeros_like(routed).scatter_(1, order, keep_sorted)
+    return ~routed | keep  # [B, T]

@@ -1,0 +1,177 @@
+"""Tiny random-weight models of the real transformers classes, with real processors.
+
+No weights can be downloaded here, so tests, the demo and `--config-only` profiling build models from
+configs (as transformers' own model testers do) and a word-level tokenizer made on the spot. The
+processors are the stock ones, so placeholder expansion (576-style image tokens, LLaVA-NeXT anyres
+counts) is exactly what the real checkpoints get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+FAMILIES = ("llava", "llava_next", "llava_onevision")
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>")
+BASE_WORDS = (
+    "USER : ASSISTANT SYSTEM what is the a an of in on at to and or yes no color shape how many left right "
+    "above below red green blue yellow purple orange black white circle square triangle star object objects "
+    "there picture image video word text chart bar value answer question which option A B C D moved first "
+    "? . , ! ' \" - _ ( ) [ ] = + / * # @"
+).split() + [str(i) for i in range(101)]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER : {% else %}ASSISTANT : {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> {% elif part['type'] == 'video' %}<video> "
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %} </s>{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+
+
+def build_tokenizer(words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer over `BASE_WORDS` + `words`, with LLaVA's specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS, *BASE_WORDS, *words):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_text_config(family: str, vocab_size: int, num_layers: int, attn: str, **overrides):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        attn_implementation=attn,
+    )
+    common.update(overrides)
+    return Qwen2Config(**common) if family == "llava_onevision" else LlamaConfig(**common)
+
+
+def tiny_model(
+    family: str = "llava",
+    num_layers: int = 4,
+    attn: str = "sdpa",
+    words: Iterable[str] = (),
+    seed: int = 0,
+    image_size: int = 30,
+    patch_size: int = 6,
+    device: str | torch.device = "cpu",
+    **text_overrides,
+):
+    """(model, processor) for a tiny random model of `family` ("llava", "llava_next", "llava_onevision")."""
+    import transformers as tf
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    tokenizer = build_tokenizer(words)
+    vocab_size = len(tokenizer)
+    text = tiny_text_config(family, vocab_size, num_layers, attn, **text_overrides)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        attn_implementation=attn,
+    )
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    pinpoints = [[image_size, image_size * 2], [image_size * 2, image_size], [image_size * 2, image_size * 2]]
+    crop = {"height": image_size, "width": image_size}
+    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    if family == "llava":
+        config = tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(**vision),
+            text_config=text,
+            image_token_index=image_token_id,
+            image_seq_length=(image_size // patch_size) ** 2,
+            vision_feature_layer=-1,
+        )
+        model_cls = tf.LlavaForConditionalGeneration
+        image_processor = tf.CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop, **norm)
+        processor = tf.LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=CHAT_TEMPLATE,
+        )
+    elif family == "llava_next":
+        config = tf.LlavaNextConfig(
+            vision_config=tf.CLIPVisionConfig(**vision),
+            text_config=text,
+            image_token_index=image_token_id,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+        )
+        model_cls = tf.LlavaNextForConditionalGeneration
+        image_processor = tf.LlavaNextImageProcessor(
+            size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=pinpoints, **norm
+        )
+        processor = tf.LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=CHAT_TEMPLATE,
+        )
+    else:
+        vision.pop("attn_implementation")
+        config = tf.LlavaOnevisionConfig(
+            vision_config=tf.SiglipVisionConfig(**vision, attn_implementation=attn),
+            text_config=text,
+            image_token_index=image_token_id,
+            video_token_index=video_token_id,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+            vision_aspect_ratio="anyres_max_9",
+        )
+        model_cls = tf.LlavaOnevisionForConditionalGeneration
+        image_processor = tf.LlavaOnevisionImageProcessor(
+            size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints, **norm
+        )
+        video_processor = tf.LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}, **norm)
+        processor = tf.LlavaOnevisionProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            num_image_tokens=(image_size // patch_size) ** 2,
+            vision_feature_select_strategy="full",
+            chat_template=CHAT_TEMPLATE,
+        )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = model_cls(config).to(device).eval()
+    return model, processor

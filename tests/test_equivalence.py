@@ -1,0 +1,51 @@
+"""DESIGN.md section 6, invariants 1 and 7: ratio 1 with initial routers is the dense model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mllm_mod
+from conftest import build, make_inputs
+
+FAMILIES = ["llava", "llava_next", "llava_onevision"]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_one_equals_dense(family, attn):
+    model, processor = build(family, attn)
+    inputs = make_inputs(processor)  # batch of 3, left padding, different image-token counts (NeXT/OV)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        dense = model(**inputs, output_hidden_states=True)
+    mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=1.0)
+    assert mllm_mod.layer_ratios(model) == [1.0] * 4
+    assert all(isinstance(layer, mllm_mod.MoDLayer) for layer in model.model.language_model.layers)
+    with torch.no_grad():
+        mod = model(**inputs, output_hidden_states=True)
+    torch.testing.assert_close(mod.logits[real], dense.logits[real], atol=1e-5, rtol=1e-5)
+    # invariant 7: every layer's hidden state, full length
+    assert len(mod.hidden_states) == len(dense.hidden_states) == 5
+    for h_mod, h_dense in zip(mod.hidden_states, dense.hidden_states):
+        assert h_mod.shape == h_dense.shape
+        torch.testing.assert_close(h_mod[real], h_dense[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_one_generation_equals_dense(family):
+    model, processor = build(family, "sdpa")
+    inputs = make_inputs(processor)
+    dense = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=1.0)
+    mod = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(dense, mod)
+
+
+def test_unload_restores_original_layers():
+    model, processor = build("llava")
+    originals = list(model.model.language_model.layers)
+    mllm_mod.retrofit(model, "pmod")
+    mllm_mod.unload(model)
+    assert list(model.model.language_model.layers) == originals
+    assert not hasattr(model, "mod_state") and not hasattr(model.config, "mod_config")
