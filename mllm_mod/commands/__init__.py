@@ -1,0 +1,1 @@
+"""Subcommands of the `mllm-mod` CLI (thin programs over the library)."""
