@@ -173,5 +173,8 @@ def tiny_model(
         )
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    model = model_cls(config).to(device).eval()
+    model = model_cls._from_config(config, attn_implementation=attn).to(device).eval()
+    actual = model.config.get_text_config(decoder=True)._attn_implementation
+    if actual != attn:
+        raise RuntimeError(f"asked for {attn!r} attention, the decoder runs {actual!r}")
     return model, processor

@@ -1,0 +1,116 @@
+"""Analytic prefill FLOPs and KV-cache bytes of a decoder, dense and MoD, from the model's real shapes.
+
+Convention (the one `torch.utils.flop_counter.FlopCounterMode` and most papers use): a multiply-add is
+2 FLOPs; attention counts the full ``Tq x Tk`` score and value products (no discount for the causal
+mask); norms, RoPE, softmax, gathers and scatters are not counted. A layer that processes ``n`` tokens:
+
+    projections  2 n D (H hd) + 2 * 2 n D (Hkv hd) + 2 n (H hd) D
+    attention    2 * 2 n n H hd
+    gated MLP    3 * 2 n D I
+    router       2 T D      (MoD layers score all T tokens)
+
+The LM head (``2 T D V``) is reported separately: generation computes it for the last position only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .select import keep_count
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    layers: int
+
+    @classmethod
+    def from_config(cls, text_config) -> DecoderShape:
+        heads = text_config.num_attention_heads
+        return cls(
+            hidden=text_config.hidden_size,
+            intermediate=text_config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+            vocab=text_config.vocab_size,
+            layers=text_config.num_hidden_layers,
+        )
+
+    def layer_flops(self, tokens: int, keys: int | None = None) -> int:
+        """FLOPs of one decoder layer over `tokens` queries attending `keys` keys (default: the same)."""
+        keys = tokens if keys is None else keys
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        projections = 2 * tokens * self.hidden * (2 * q_dim + 2 * kv_dim)
+        attention = 4 * tokens * keys * q_dim
+        mlp = 6 * tokens * self.hidden * self.intermediate
+        return projections + attention + mlp
+
+    def router_flops(self, tokens: int) -> int:
+        return 2 * tokens * self.hidden  # Linear(D, 1); the bias add is not a multiply-add
+
+    def lm_head_flops(self, tokens: int) -> int:
+        return 2 * tokens * self.hidden * self.vocab
+
+    def kv_bytes_per_entry(self, bytes_per_element: int) -> int:
+        return 2 * self.kv_heads * self.head_dim * bytes_per_element
+
+
+def kept_tokens(ratios: list[float], n_text: int, n_vision: int) -> list[int]:
+    """Tokens each layer processes for one sample: text + trunc(ratio * n_vision) (dense layers: all)."""
+    n = torch.tensor(n_vision)
+    return [n_text + (n_vision if r == 1.0 else int(keep_count(n, r))) for r in ratios]
+
+
+@dataclass
+class PrefillCost:
+    """Cost of one sample's prefill through the decoder, per layer and in total."""
+
+    tokens_per_layer: list[int]
+    flops_per_layer: list[int]
+    lm_head_flops: int
+    kv_entries_per_layer: list[int]
+    kv_bytes: int
+
+    @property
+    def decoder_flops(self) -> int:
+        return sum(self.flops_per_layer)
+
+    @property
+    def tflops(self) -> float:
+        return self.decoder_flops / 1e12
+
+
+def prefill_cost(
+    shape: DecoderShape,
+    ratios: list[float],
+    n_text: int,
+    n_vision: int,
+    bytes_per_element: int = 2,
+    mod_layers: list[bool] | None = None,
+) -> PrefillCost:
+    """Prefill cost for one sample of `n_text` text and `n_vision` vision tokens.
+
+    `ratios`: per-layer keep ratio (all 1.0 = dense). `mod_layers`: which layers route (and so pay for a
+    router); by default the layers with ratio < 1.
+    """
+    if len(ratios) != shape.layers:
+        raise ValueError(f"{len(ratios)} ratios for a decoder of {shape.layers} layers")
+    mod_layers = [r < 1.0 for r in ratios] if mod_layers is None else mod_layers
+    total = n_text + n_vision
+    tokens = kept_tokens(ratios, n_text, n_vision)
+    flops = [shape.layer_flops(t) + (shape.router_flops(total) if routed else 0) for t, routed in zip(tokens, mod_layers)]
+    return PrefillCost(
+        tokens_per_layer=tokens,
+        flops_per_layer=flops,
+        lm_head_flops=shape.lm_head_flops(total),
+        kv_entries_per_layer=tokens,
+        kv_bytes=sum(tokens) * shape.kv_bytes_per_entry(bytes_per_element),
+    )

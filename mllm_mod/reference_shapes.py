@@ -1,0 +1,43 @@
+"""Configs with the dimensions of published checkpoints, for `--config-only` accounting (no weights)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ReferenceShape:
+    name: str
+    description: str
+    n_vision: int  # vision tokens of a typical sample
+    n_text: int  # text tokens of a typical prompt
+
+    def config(self) -> Any:
+        import transformers as tf
+
+        text = tf.LlamaConfig(  # Vicuna-7B, the LLM of LLaVA-1.5-7B and LLaVA-NeXT-7B (vicuna)
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        )
+        vision = tf.CLIPVisionConfig(  # CLIP ViT-L/14-336
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+            image_size=336, patch_size=14, projection_dim=768,
+        )
+        cls = tf.LlavaNextConfig if "next" in self.name else tf.LlavaConfig
+        return cls(vision_config=vision, text_config=text, image_token_index=32000)
+
+
+REFERENCE_SHAPES = {
+    s.name: s
+    for s in (
+        ReferenceShape("llava-1.5-7b", "LLaVA-1.5-7B: Vicuna-7B + CLIP-L/336, 576 image tokens", 576, 64),
+        ReferenceShape("llava-next-7b", "LLaVA-NeXT-7B (Vicuna): anyres 2x2 + base, ~2880 image tokens", 2880, 64),
+    )
+}

@@ -1,0 +1,71 @@
+"""`flops.py` against FlopCounterMode on tiny models, and the 7B-shaped accounting against DESIGN.md."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mllm_mod
+from conftest import build, make_inputs, randomize_routers
+from mllm_mod.flops import DecoderShape, prefill_cost
+from mllm_mod.reference_shapes import REFERENCE_SHAPES
+
+
+def _decoder_flops(model, inputs) -> tuple[int, int]:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**inputs, use_cache=False)
+    counts = counter.get_flop_counts()
+    decoder = next(v for k, v in counts.items() if k.endswith("language_model"))
+    head = next(v for k, v in counts.items() if k.endswith("lm_head"))
+    return sum(decoder.values()), sum(head.values())
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_accounting_matches_flop_counter(routed):
+    model, processor = build("llava", "eager")
+    inputs = make_inputs(processor, n=1)
+    n_vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    n_text = inputs["input_ids"].shape[1] - n_vision
+    shape = DecoderShape.from_config(model.config.text_config)
+    ratios = [1.0] * 4
+    if routed:
+        mllm_mod.retrofit(model, "pmod")
+        randomize_routers(model)
+        ratios = mllm_mod.layer_ratios(model)
+    measured, head = _decoder_flops(model, inputs)
+    cost = prefill_cost(shape, ratios, n_text, n_vision)
+    assert measured == cost.decoder_flops
+    assert head == cost.lm_head_flops
+
+
+def test_efficiency_report_matches_cache_and_accounting():
+    from mllm_mod.efficiency import efficiency
+
+    model, processor = build("llava_next")
+    mllm_mod.retrofit(model, "pmod")
+    randomize_routers(model)
+    report = efficiency(model, make_inputs(processor))
+    assert report.accounting_matches, report.mismatches
+    assert len(set(report.n_vision)) == 3  # three different anyres token counts in one batch
+    assert 0.4 < report.tflops_ratio < 0.8 and report.kv_ratio < 1.0
+    assert "measured = accounting: yes" in report.table()
+
+
+def test_llava15_7b_shape_matches_design():
+    ref = REFERENCE_SHAPES["llava-1.5-7b"]
+    with torch.device("meta"):
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration(ref.config())
+    mllm_mod.retrofit(model, "pmod")
+    ratios = mllm_mod.layer_ratios(model)
+    assert sum(ratios) / 32 == pytest.approx(0.5375, abs=1e-4)  # vision KV fraction for PRD
+    shape = DecoderShape.from_config(model.config.text_config)
+    dense = prefill_cost(shape, [1.0] * 32, ref.n_text, ref.n_vision)
+    mod = prefill_cost(shape, ratios, ref.n_text, ref.n_vision)
+    vision_kv = (sum(mod.kv_entries_per_layer) - 32 * ref.n_text) / (32 * ref.n_vision)
+    assert vision_kv == pytest.approx(0.5375, abs=2e-3)  # trunc() per layer shaves a little
+    assert 0.55 < mod.decoder_flops / dense.decoder_flops < 0.62  # DESIGN: ~0.59 ideal, paper 58.7%
+    assert dense.tflops == pytest.approx(8.7, rel=0.05)  # 2 * 6.5e9 params * 640 tokens + attention
