@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .adapters import adapter_for, supported_model_types
 from .config import PRESETS, MoDConfig, preset
+from .efficiency import EfficiencyReport, efficiency
 from .layer import MoDLayer, RoutingContext
 from .retrofit import (
     from_pretrained,
@@ -17,11 +18,13 @@ from .retrofit import (
 
 __all__ = [
     "PRESETS",
+    "EfficiencyReport",
     "MoDConfig",
     "MoDLayer",
     "RoutingContext",
     "__version__",
     "adapter_for",
+    "efficiency",
     "from_pretrained",
     "layer_ratios",
     "load_mod",

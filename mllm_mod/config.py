@@ -129,7 +129,7 @@ def preset(name: str, **overrides: Any) -> MoDConfig:
     """The named recipe as a `MoDConfig`, with `overrides` applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
-    return MoDConfig(preset=name, **{**PRESETS[name], **overrides})
+    return MoDConfig.from_dict({"preset": name, **PRESETS[name], **overrides})
 
 
 def as_config(config: MoDConfig | str | dict[str, Any], **overrides: Any) -> MoDConfig:
