@@ -218,7 +218,8 @@ class MoDLayer(nn.Module):
     ) -> torch.Tensor | None:
         attn = self.base_layer.self_attn
         implementation = attn.config._attn_implementation
-        window = getattr(attn, "sliding_window", None)
+        # Qwen2 sets it per layer on the attention module; Mistral reads it from the config
+        window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
         if plain_causal and window is None and implementation in SDPA_LIKE and bool(k_valid.all()):
             return None  # nothing is masked but the future: let sdpa use its causal kernels
         return backend_mask(allowed_pairs(q_index, k_index, k_valid, window), k_valid, implementation, dtype)

@@ -56,8 +56,9 @@ def build_tokenizer(words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_text_config(family: str, vocab_size: int, num_layers: int, attn: str, **overrides):
-    from transformers import LlamaConfig, Qwen2Config
+def tiny_text_config(family: str, vocab_size: int, num_layers: int, attn: str, decoder: str | None = None, **overrides):
+    """Llama for LLaVA / LLaVA-NeXT, Qwen2 for OneVision; `decoder="mistral"` for LLaVA-NeXT-Mistral."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -73,7 +74,11 @@ def tiny_text_config(family: str, vocab_size: int, num_layers: int, attn: str, *
         attn_implementation=attn,
     )
     common.update(overrides)
-    return Qwen2Config(**common) if family == "llava_onevision" else LlamaConfig(**common)
+    decoder = decoder or ("qwen2" if family == "llava_onevision" else "llama")
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    if decoder not in classes:
+        raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(classes)}")
+    return classes[decoder](**common)
 
 
 def tiny_model(
@@ -85,16 +90,20 @@ def tiny_model(
     image_size: int = 30,
     patch_size: int = 6,
     device: str | torch.device = "cpu",
+    decoder: str | None = None,
     **text_overrides,
 ):
-    """(model, processor) for a tiny random model of `family` ("llava", "llava_next", "llava_onevision")."""
+    """(model, processor) for a tiny random model of `family` ("llava", "llava_next", "llava_onevision").
+
+    `decoder` picks the text model ("llama", "mistral", "qwen2"); `text_overrides` go to its config.
+    """
     import transformers as tf
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     tokenizer = build_tokenizer(words)
     vocab_size = len(tokenizer)
-    text = tiny_text_config(family, vocab_size, num_layers, attn, **text_overrides)
+    text = tiny_text_config(family, vocab_size, num_layers, attn, decoder, **text_overrides)
     vision = dict(
         hidden_size=32,
         intermediate_size=64,

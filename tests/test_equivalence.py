@@ -49,3 +49,25 @@ def test_unload_restores_original_layers():
     mllm_mod.unload(model)
     assert list(model.model.language_model.layers) == originals
     assert not hasattr(model, "mod_state") and not hasattr(model.config, "mod_config")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_mistral_sliding_window(attn):
+    """LLaVA-NeXT-Mistral with a window shorter than the prompt: MoD masks apply the window by original index."""
+    from mllm_mod.tiny import tiny_model
+
+    model, processor = tiny_model("llava_next", num_layers=4, attn=attn, decoder="mistral", sliding_window=24)
+    assert type(model.model.language_model).__name__ == "MistralModel"
+    inputs = make_inputs(processor)
+    real = inputs["attention_mask"].bool()
+    assert inputs["input_ids"].shape[1] > 24
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=1.0)
+    with torch.no_grad():
+        mod = model(**inputs).logits
+    torch.testing.assert_close(mod[real], dense[real], atol=1e-5, rtol=1e-5)
+    mllm_mod.unload(model)
+    dense_gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=1.0)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), dense_gen)
