@@ -15,11 +15,14 @@ from typing import Any
 CONFIG_NAME = "mod_config.json"
 
 SCHEDULES = ("prd", "constant", "interleave", "deep")
-ROUTERS = ("linear", "sigmoid")
-NORMS = ("tanh", "sigmoid", "none")
-WEIGHTINGS = ("string", "output", "mod")
+ROUTERS = ("linear", "shared")
+ROUTER_INPUTS = ("hidden", "normed")
+NORMS = ("tanh", "sigmoid", "softmax", "none")
+WEIGHTINGS = ("string", "output", "mod", "mlp")
 SELECTIONS = ("topk", "group")
-POSITIONS = ("original",)
+CANDIDATES = ("vision", "vision_and_prefix", "all")
+INFERENCE = ("topk", "threshold")
+POSITIONS = ("original", "renumber")
 
 
 @dataclass
@@ -28,36 +31,55 @@ class MoDConfig:
 
     Schedule (which layers are MoD, and each one's keep ratio):
         schedule: "prd" (p-MoD shifted-cosine decay), "constant" (``ratio`` on ``layers``, or on every
-            layer), "interleave" (``ratio`` on every other layer starting at ``interleave_start``),
-            "deep" (``ratio`` on layers ``deep_start`` .. L-1).
+            layer but ``skip_layers``), "interleave" (``ratio`` on every other layer starting at
+            ``interleave_start``), "deep" (``ratio`` on layers ``deep_start`` .. L-1).
     Router and scores:
-        router: "linear" (``Linear(hidden, 1)``, zero-initialised, float32) or "sigmoid" (the same
-            linear layer read through a sigmoid, VideoLLM-MoD).
+        router: "linear" (one ``Linear(hidden, 1)`` per layer, zero-initialised, float32) or "shared"
+            (one ``Linear(hidden, 2, bias=False)`` for all MoD layers, gamma-MoD).
+        router_input: "hidden" (the layer input) or "normed" (the layer's input-norm output).
         norm: how router logits become token weights ``w``: "tanh" (TanhNorm ``alpha*tanh(z)+1``),
-            "sigmoid", or "none" (``w = 1``, the logits only rank).
+            "sigmoid", "softmax" (``p = softmax(logits)[..., 1]``, 2-way routers), "none" (``w = 1``).
     Weighting rule (what a routed token's output is):
         "string": kept ``x + attn + w * mlp``, skipped ``w * x`` (p-MoD);
+        "mlp": kept ``x + attn + w * mlp``, skipped ``x`` (gamma-MoD);
         "output": kept ``w * block(x)``, skipped ``x`` (VideoLLM-MoD reference code);
         "mod": kept ``x + w * (block(x) - x)``, skipped ``x`` (the original MoD rule).
     Selection:
-        "topk": per sample, ``trunc(n_candidates * ratio)`` in float32;
-        "group": per group (a video frame), ``ceil(ratio * group_size)``.
+        selection: "topk" (per sample, ``trunc(n_candidates * ratio)`` in float32) or "group" (per
+            group such as a video frame, ``ceil(ratio * group_size)``).
+        candidates: which tokens compete: "vision"; "vision_and_prefix" (vision tokens and the
+            prompt before the first one: gamma-MoD's masked routing, question/answer always kept);
+            "all" (every real token).
+        inference: at eval time keep the top-k ("topk") or every candidate whose weight reaches
+            ``threshold`` ("threshold"); training always uses the top-k.
+        decode_skip: a generated token skips a MoD layer when its weight is below ``threshold``.
+        positions: "original" (kept tokens keep their sequence positions, p-MoD) or "renumber"
+            (kept tokens are renumbered 0..k-1 within the layer, gamma-MoD reference).
+        routing_loss_weight: weight of the 2-way cross-entropy between router logits and the top-k
+            decision (shared router only), summed over MoD layers.
     """
 
     preset: str | None = None
     schedule: str = "prd"
     ratio: float = 0.5
     layers: list[int] | None = None
+    skip_layers: list[int] | None = None
     prd_threshold: float = 0.85
     prd_min_ratio: float = 0.15
     interleave_start: int = 1
     deep_start: int | None = None
     router: str = "linear"
+    router_input: str = "hidden"
     norm: str = "tanh"
     tanh_alpha: float = 0.2
     weighting: str = "string"
     selection: str = "topk"
+    candidates: str = "vision"
+    inference: str = "topk"
+    threshold: float = 0.5
+    decode_skip: bool = False
     positions: str = "original"
+    routing_loss_weight: float = 0.0
     # Filled in by `retrofit`/`save_mod`: what the adapter was made for, and with which library versions.
     base_model: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
@@ -68,10 +90,21 @@ class MoDConfig:
     def validate(self) -> None:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("router", self.router, ROUTERS)
+        _check_choice("router_input", self.router_input, ROUTER_INPUTS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("selection", self.selection, SELECTIONS)
+        _check_choice("candidates", self.candidates, CANDIDATES)
+        _check_choice("inference", self.inference, INFERENCE)
         _check_choice("positions", self.positions, POSITIONS)
+        if (self.norm == "softmax") != (self.router == "shared"):
+            raise ValueError("norm='softmax' goes with the 2-way router='shared' (and only with it)")
+        if not 0.0 <= self.threshold <= 1.0 and self.norm in ("sigmoid", "softmax"):
+            raise ValueError(f"threshold must be in [0, 1] for {self.norm} weights, got {self.threshold}")
+        if self.routing_loss_weight < 0 or (self.routing_loss_weight > 0 and self.router != "shared"):
+            raise ValueError("routing_loss_weight must be >= 0, and > 0 only with router='shared'")
+        if self.decode_skip and self.candidates == "vision":
+            raise ValueError("decode_skip routes generated (text) tokens: use candidates='all' or 'vision_and_prefix'")
         check_ratio(self.ratio, "ratio")
         check_ratio(self.prd_min_ratio, "prd_min_ratio")
         if not 0.0 < self.prd_threshold <= 1.0:
@@ -80,6 +113,8 @@ class MoDConfig:
             raise ValueError(f"tanh_alpha must be in (0, 1) so that weights stay positive, got {self.tanh_alpha}")
         if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
             raise ValueError(f"layers must be non-negative layer indices, got {self.layers}")
+        if self.layers is not None and self.skip_layers is not None:
+            raise ValueError("give either layers (the MoD layers) or skip_layers (the dense ones), not both")
 
     def replace(self, **overrides: Any) -> MoDConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
@@ -120,7 +155,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pmod": dict(schedule="prd", router="linear", norm="tanh", weighting="string", selection="topk"),
     # VideoLLM-MoD: every other layer at r = 0.2, sigmoid router, output scaled, top-k within each frame.
     "videomod": dict(
-        schedule="interleave", ratio=0.2, router="sigmoid", norm="sigmoid", weighting="output", selection="group"
+        schedule="interleave", ratio=0.2, router="linear", norm="sigmoid", weighting="output", selection="group"
+    ),
+    # gamma-MoD: ARank-chosen layers (reference: all but 0, 1, 2 and the last) at r = 0.5, one shared
+    # 2-way router on the normed input, masked routing, threshold at inference, routing loss 0.01.
+    "gmod": dict(
+        schedule="constant",
+        ratio=0.5,
+        skip_layers=[0, 1, 2, -1],
+        router="shared",
+        router_input="normed",
+        norm="softmax",
+        weighting="mlp",
+        candidates="vision_and_prefix",
+        inference="threshold",
+        threshold=0.5,
+        routing_loss_weight=0.01,
     ),
 }
 

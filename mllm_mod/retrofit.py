@@ -22,13 +22,17 @@ from torch.utils.hooks import RemovableHandle
 from .adapters import Adapter, adapter_for
 from .config import MoDConfig, as_config
 from .layer import MoDLayer
+from .losses import routing_loss
 from .masks import SUPPORTED
+from .router import Router, build_router
 from .schedule import mod_layers
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "mod_adapter.safetensors"
 CONFIG_KEY = "mod_config"  # the key under which a full checkpoint's config.json records the MoD config
+SHARED_ROUTER = "mod_shared_router"  # attribute of the decoder holding gamma-MoD's shared router
+LOSS_KEY, AGREEMENT_KEY = "mod_routing_loss", "mod_router_agreement"  # added to the model outputs
 FINGERPRINT_KEYS = (
     "model_type",
     "architecture",
@@ -47,7 +51,7 @@ class MoDState:
 
     config: MoDConfig
     adapter: Adapter
-    hook: RemovableHandle
+    hooks: list[RemovableHandle]
 
 
 def get_state(model: nn.Module) -> MoDState:
@@ -108,10 +112,19 @@ def retrofit(model: nn.Module, config: MoDConfig | str | dict[str, Any] = "pmod"
         raise ValueError(f"attention implementation {implementation!r} is not supported; use one of {SUPPORTED}")
     config = config.replace(base_model=base_fingerprint(model, adapter), versions=library_versions())
 
+    decoder = adapter.decoder(model)
+    shared = None
+    if config.router == "shared":
+        shared = build_router(config, text.hidden_size, device=next(decoder.parameters()).device)
+        decoder.add_module(SHARED_ROUTER, shared)
+    rotary = getattr(decoder, "rotary_emb", None)
     for idx, ratio in chosen.items():
-        layers[idx] = MoDLayer(layers[idx], idx, ratio, config, text.hidden_size)
-    hook = model.register_forward_pre_hook(_routing_hook(adapter, model), with_kwargs=True)
-    model.mod_state = MoDState(config=config, adapter=adapter, hook=hook)
+        layers[idx] = MoDLayer(layers[idx], idx, ratio, config, text.hidden_size, shared_router=shared, rotary=rotary)
+    hooks = [
+        model.register_forward_pre_hook(_routing_hook(adapter, model), with_kwargs=True),
+        model.register_forward_hook(_loss_hook(config), with_kwargs=True),
+    ]
+    model.mod_state = MoDState(config=config, adapter=adapter, hooks=hooks)
     setattr(model.config, CONFIG_KEY, config.to_dict())  # save_pretrained writes it into config.json
     return model
 
@@ -123,7 +136,11 @@ def unload(model: nn.Module) -> nn.Module:
     for idx, layer in enumerate(layers):
         if isinstance(layer, MoDLayer):
             layers[idx] = layer.base_layer
-    state.hook.remove()
+    decoder = state.adapter.decoder(model)
+    if hasattr(decoder, SHARED_ROUTER):
+        delattr(decoder, SHARED_ROUTER)
+    for hook in state.hooks:
+        hook.remove()
     del model.mod_state
     if hasattr(model.config, CONFIG_KEY):
         delattr(model.config, CONFIG_KEY)
@@ -141,7 +158,11 @@ def layer_ratios(model: nn.Module) -> list[float]:
 
 
 def mod_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the parameters MoD adds, keyed ``layers.{i}.router.*``."""
+    """Only the parameters MoD adds: ``layers.{i}.router.*`` per layer, or ``shared_router.*``."""
+    state = get_state(model)
+    if state.config.router == "shared":
+        shared: Router = getattr(state.adapter.decoder(model), SHARED_ROUTER)
+        return {f"shared_router.{name}": p.detach() for name, p in shared.named_parameters()}
     return {
         f"layers.{i}.router.{name}": param.detach()
         for i, layer in mod_layer_map(model).items()
@@ -231,7 +252,9 @@ def _router_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name in files:
         for key, tensor in load_file(os.path.join(directory, name)).items():
-            if ".router." in key:
+            if f"{SHARED_ROUTER}." in key:
+                out["shared_router." + key.split(f"{SHARED_ROUTER}.", 1)[1]] = tensor
+            elif ".router." in key:
                 out[key[key.index("layers.") :]] = tensor
     return out
 
@@ -254,8 +277,27 @@ def _routing_hook(adapter: Adapter, model: nn.Module):
         ctx = adapter.routing_context(
             module, bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask")
         )
+        if module.training and module.mod_state.config.routing_loss_weight > 0:
+            ctx.records = []
         if ctx.candidates is not None and ctx.candidates.shape[1] > 1 and not bool(ctx.candidates.any()):
             logger.debug("no vision tokens in this batch: MoD layers run dense")
         return args, {**kwargs, "mod_routing": ctx}
+
+    return hook
+
+
+def _loss_hook(config: MoDConfig):
+    """A forward hook on the top-level model: in training, puts the routing loss and the router's
+    agreement with top-k into the outputs (``outputs["mod_routing_loss"]``). The trainer adds it to
+    the LM loss explicitly; nothing is added behind its back."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
+        ctx = kwargs.get("mod_routing")
+        if ctx is None or not ctx.records or not hasattr(output, "keys"):
+            return None
+        loss, agreement = routing_loss(ctx.records, config)
+        output[LOSS_KEY] = loss
+        output[AGREEMENT_KEY] = agreement
+        return output
 
     return hook

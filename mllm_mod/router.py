@@ -9,18 +9,21 @@ from .config import MoDConfig
 
 
 class Router(nn.Module):
-    """``Linear(hidden, 1)`` scoring every token of a layer's input, initialised to zero.
+    """``Linear(hidden, classes)`` over every token of a layer's input, initialised to zero.
 
-    Its parameters stay float32 whatever the model is cast to (p-MoD keeps router weights in fp32):
-    small logit differences decide the top-k, and bf16 would collapse them.
+    classes = 1: a per-layer scalar score (p-MoD, VideoLLM-MoD); classes = 2: gamma-MoD's 2-way
+    skip/keep router (no bias), shared by all MoD layers. Zero init gives ``w = 1`` under TanhNorm and
+    ``p = 0.5`` under sigmoid/softmax. Parameters stay float32 whatever the model is cast to: small
+    logit differences decide the top-k, and bf16 would collapse them.
     """
 
-    def __init__(self, hidden_size: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, hidden_size: int, classes: int = 1, bias: bool = True, device=None) -> None:
         super().__init__()
-        self.proj = nn.Linear(hidden_size, 1, bias=True, device=device, dtype=torch.float32)
+        self.proj = nn.Linear(hidden_size, classes, bias=bias, device=device, dtype=torch.float32)
         if self.proj.weight.device.type != "meta":
             nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
+            if bias:
+                nn.init.zeros_(self.proj.bias)
 
     def _apply(self, fn, recurse: bool = True):  # keep float32 through model.to(dtype) / .half()
         super()._apply(fn, recurse)
@@ -30,19 +33,23 @@ class Router(nn.Module):
         return self
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # [B, T, D] -> [B, T] logits, computed in float32
-        return self.proj(hidden_states.float()).squeeze(-1)
+        # [B, T, D] -> [B, T, classes] logits, computed in float32
+        return self.proj(hidden_states.float())
 
 
 def token_weights(logits: torch.Tensor, config: MoDConfig) -> torch.Tensor:
-    """Weights ``w`` [B, T] from router logits [B, T] (float32)."""
+    """Weights ``w`` [B, T] from router logits [B, T, classes] (float32)."""
+    if config.norm == "softmax":
+        return torch.softmax(logits, dim=-1)[..., 1]  # p(keep)
+    z = logits.squeeze(-1)  # [B, T]
     if config.norm == "tanh":
-        return config.tanh_alpha * torch.tanh(logits) + 1.0  # TanhNorm: w in (1 - a, 1 + a), 1 at z = 0
+        return config.tanh_alpha * torch.tanh(z) + 1.0  # TanhNorm: w in (1 - a, 1 + a), 1 at z = 0
     if config.norm == "sigmoid":
-        return torch.sigmoid(logits)
-    return torch.ones_like(logits)
+        return torch.sigmoid(z)
+    return torch.ones_like(z)
 
 
-def build_router(config: MoDConfig, hidden_size: int, device: torch.device | str | None = None) -> Router:
-    # "linear" and "sigmoid" routers share the module; the difference is the normalisation in `config.norm`.
+def build_router(config: MoDConfig, hidden_size: int, device=None) -> Router:
+    if config.router == "shared":
+        return Router(hidden_size, classes=2, bias=False, device=device)
     return Router(hidden_size, device=device)

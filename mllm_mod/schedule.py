@@ -28,7 +28,11 @@ def mod_layers(config: MoDConfig, num_layers: int) -> dict[int, float]:
         curve = prd_curve(num_layers)
         return {i: max(r, config.prd_min_ratio) for i, r in enumerate(curve) if r <= config.prd_threshold}
     if config.schedule == "constant":
-        chosen = set(range(num_layers)) if config.layers is None else set(config.layers)
+        if config.layers is not None:
+            chosen = set(config.layers)
+        else:
+            dense = {i % num_layers for i in (config.skip_layers or []) if -num_layers <= i < num_layers}
+            chosen = set(range(num_layers)) - dense
     elif config.schedule == "interleave":
         chosen = set(range(config.interleave_start, num_layers, 2))
     elif config.schedule == "deep":

@@ -89,7 +89,7 @@ def test_skipped_token_is_exactly_w_times_x():
     with torch.no_grad():
         model(**inputs)
     x, out, ctx = captured["x"], captured["out"], captured["ctx"]  # [1, T, D]
-    w = 0.2 * torch.tanh(layer.router(x)) + 1.0  # [1, T] TanhNorm, by hand
+    w = 0.2 * torch.tanh(layer.router(x).squeeze(-1)) + 1.0  # [1, T] TanhNorm, by hand
     keep = mllm_mod.select.topk_per_sample(w, ctx.candidates, layer.ratio)
     skipped = ctx.candidates & ~keep
     n_vision = int(ctx.candidates.sum())
@@ -108,7 +108,7 @@ def test_string_kept_token_scales_only_the_mlp_branch():
         model(**inputs)
     x, out, kw = captured["x"], captured["out"], captured["k"]
     ctx = kw["mod_routing"]
-    w = 0.2 * torch.tanh(layer.router(x)) + 1.0
+    w = 0.2 * torch.tanh(layer.router(x).squeeze(-1)) + 1.0
     keep = mllm_mod.select.topk_per_sample(w, ctx.candidates, layer.ratio)[0]  # [T]
     idx = keep.nonzero().squeeze(1)
     base = layer.base_layer

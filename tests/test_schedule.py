@@ -52,5 +52,5 @@ def test_ratio_outside_unit_interval_is_refused(bad):
 
 
 def test_unknown_preset_lists_presets():
-    with pytest.raises(ValueError, match="available presets: pmod, videomod"):
+    with pytest.raises(ValueError, match="available presets: gmod, pmod, videomod"):
         preset("nope")
