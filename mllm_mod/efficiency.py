@@ -96,7 +96,16 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
     element = next(iter(cache.layers)).keys.element_size()
 
     dense_cost = [prefill_cost(shape, [1.0] * len(layers), t, v, element) for t, v in zip(n_text, n_vision)]
-    mod_cost = [prefill_cost(shape, ratios, t, v, element, mod_layers=routes) for t, v in zip(n_text, n_vision)]
+    # the formula text + trunc(r * vision) holds for top-k over vision tokens; other rules are data-dependent
+    cfg = state.config
+    formula = cfg.candidates == "vision" and cfg.selection == "topk" and (model.training or cfg.inference == "topk")
+    mod_cost = [
+        prefill_cost(
+            shape, ratios, t, v, element, mod_layers=routes,
+            tokens_per_layer=None if formula else [kept[i][b] for i in range(len(layers))],
+        )
+        for b, (t, v) in enumerate(zip(n_text, n_vision))
+    ]
     mismatches = []
     for b, cost in enumerate(mod_cost):
         for i, expected in enumerate(cost.tokens_per_layer):

@@ -95,17 +95,19 @@ def prefill_cost(
     n_vision: int,
     bytes_per_element: int = 2,
     mod_layers: list[bool] | None = None,
+    tokens_per_layer: list[int] | None = None,
 ) -> PrefillCost:
     """Prefill cost for one sample of `n_text` text and `n_vision` vision tokens.
 
     `ratios`: per-layer keep ratio (all 1.0 = dense). `mod_layers`: which layers route (and so pay for a
-    router); by default the layers with ratio < 1.
+    router); by default the layers with ratio < 1. `tokens_per_layer`: measured kept tokens, for rules
+    whose count is data-dependent (threshold routing, routed text); by default text + trunc(r * vision).
     """
     if len(ratios) != shape.layers:
         raise ValueError(f"{len(ratios)} ratios for a decoder of {shape.layers} layers")
     mod_layers = [r < 1.0 for r in ratios] if mod_layers is None else mod_layers
     total = n_text + n_vision
-    tokens = kept_tokens(ratios, n_text, n_vision)
+    tokens = kept_tokens(ratios, n_text, n_vision) if tokens_per_layer is None else tokens_per_layer
     flops = [shape.layer_flops(t) + (shape.router_flops(total) if routed else 0) for t, routed in zip(tokens, mod_layers)]
     return PrefillCost(
         tokens_per_layer=tokens,

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import Adapter, adapter_for
+from .arank import ARankReport
 from .config import MoDConfig, as_config
 from .layer import MoDLayer
 from .losses import routing_loss
@@ -94,18 +95,29 @@ def check_base(expected: dict[str, Any], model: nn.Module) -> None:
         logger.warning("MoD adapter saved from %s, loading onto %s (shapes match)", name, actual["name_or_path"])
 
 
-def retrofit(model: nn.Module, config: MoDConfig | str | dict[str, Any] = "pmod", **overrides: Any) -> nn.Module:
+def retrofit(
+    model: nn.Module,
+    config: MoDConfig | str | dict[str, Any] = "pmod",
+    arank: ARankReport | str | os.PathLike | None = None,
+    **overrides: Any,
+) -> nn.Module:
     """Replace the decoder layers the schedule names with `MoDLayer`s, in place; returns `model`.
 
-    `config` is a `MoDConfig`, a preset name (``"pmod"``, ``"videomod"``) or a dict; `overrides` change
-    single fields (``retrofit(model, "pmod", prd_min_ratio=0.2)``).
+    `config` is a `MoDConfig`, a preset name (``"pmod"``, ``"gmod"``, ``"videomod"``) or a dict;
+    `overrides` change single fields (``retrofit(model, "pmod", prd_min_ratio=0.2)``). `arank` (a
+    report or its path) picks the MoD layers: its highest-ARank layers stay dense, the rest route.
     """
     if is_retrofitted(model):
         raise ValueError("model is already retrofitted; call mllm_mod.unload(model) first")
-    config = as_config(config, **overrides)
     adapter = adapter_for(model)
-    text = adapter.text_config(model.config)
     layers = adapter.layers(model)
+    if arank is not None:
+        report = arank if isinstance(arank, ARankReport) else ARankReport.load(arank)
+        if report.num_layers != len(layers):
+            raise ValueError(f"the ARank report covers {report.num_layers} layers, the model has {len(layers)}")
+        overrides = {"schedule": "constant", "layers": report.mod_layers(), "skip_layers": None, **overrides}
+    config = as_config(config, **overrides)
+    text = adapter.text_config(model.config)
     chosen = mod_layers(config, len(layers))
     implementation = text._attn_implementation
     if implementation not in SUPPORTED:
@@ -116,10 +128,11 @@ def retrofit(model: nn.Module, config: MoDConfig | str | dict[str, Any] = "pmod"
     shared = None
     if config.router == "shared":
         shared = build_router(config, text.hidden_size, device=next(decoder.parameters()).device)
-        decoder.add_module(SHARED_ROUTER, shared)
+        decoder.add_module(SHARED_ROUTER, shared.train(decoder.training))
     rotary = getattr(decoder, "rotary_emb", None)
     for idx, ratio in chosen.items():
-        layers[idx] = MoDLayer(layers[idx], idx, ratio, config, text.hidden_size, shared_router=shared, rotary=rotary)
+        mod = MoDLayer(layers[idx], idx, ratio, config, text.hidden_size, shared_router=shared, rotary=rotary)
+        layers[idx] = mod.train(layers[idx].training)  # new modules start in train mode; follow the model
     hooks = [
         model.register_forward_pre_hook(_routing_hook(adapter, model), with_kwargs=True),
         model.register_forward_hook(_loss_hook(config), with_kwargs=True),

@@ -122,3 +122,15 @@ def test_retrofit_twice_is_refused_and_router_stays_float32():
     layer = model.model.language_model.layers[3]
     assert layer.router.proj.weight.dtype == torch.float32
     assert layer.base_layer.mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("preset", ["pmod", "gmod"])
+def test_retrofit_follows_the_models_train_or_eval_mode(preset):
+    """New MoD modules must not start in train mode inside an eval model (train-only rules would apply)."""
+    model, _ = build("llava")
+    mllm_mod.retrofit(model, preset)
+    assert not any(m.training for m in model.modules())
+    model.train()
+    mllm_mod.unload(model)
+    mllm_mod.retrofit(model, preset)
+    assert all(m.training for m in model.modules())
