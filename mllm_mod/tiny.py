@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from transformers import PreTrainedTokenizerFast
 
-FAMILIES = ("llava", "llava_next", "llava_onevision")
+FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>")
 BASE_WORDS = (
     "USER : ASSISTANT SYSTEM what is the a an of in on at to and or yes no color shape how many left right "
@@ -87,20 +87,23 @@ def tiny_model(
     attn: str = "sdpa",
     words: Iterable[str] = (),
     seed: int = 0,
-    image_size: int = 30,
+    image_size: int | None = None,
     patch_size: int = 6,
     device: str | torch.device = "cpu",
     decoder: str | None = None,
     **text_overrides,
 ):
-    """(model, processor) for a tiny random model of `family` ("llava", "llava_next", "llava_onevision").
+    """(model, processor) for a tiny random model of `family` (one of `FAMILIES`).
 
     `decoder` picks the text model ("llama", "mistral", "qwen2"); `text_overrides` go to its config.
+    `image_size` defaults to 30 (a 5x5 patch grid), 24 for LLaVA-NeXT-Video, whose processor counts
+    ``grid // 4`` tokens per frame and so needs an even grid.
     """
     import transformers as tf
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    image_size = image_size or (24 if family == "llava_next_video" else 30)
     tokenizer = build_tokenizer(words)
     vocab_size = len(tokenizer)
     text = tiny_text_config(family, vocab_size, num_layers, attn, decoder, **text_overrides)
@@ -136,19 +139,18 @@ def tiny_model(
             num_additional_image_tokens=1,
             chat_template=CHAT_TEMPLATE,
         )
-    elif family == "llava_next":
-        config = tf.LlavaNextConfig(
+    elif family in ("llava_next", "llava_next_video"):
+        common = dict(
             vision_config=tf.CLIPVisionConfig(**vision),
             text_config=text,
             image_token_index=image_token_id,
             image_grid_pinpoints=pinpoints,
             vision_feature_layer=-1,
         )
-        model_cls = tf.LlavaNextForConditionalGeneration
         image_processor = tf.LlavaNextImageProcessor(
             size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=pinpoints, **norm
         )
-        processor = tf.LlavaNextProcessor(
+        parts = dict(
             image_processor=image_processor,
             tokenizer=tokenizer,
             patch_size=patch_size,
@@ -156,6 +158,15 @@ def tiny_model(
             num_additional_image_tokens=1,
             chat_template=CHAT_TEMPLATE,
         )
+        if family == "llava_next":
+            config = tf.LlavaNextConfig(**common)
+            model_cls = tf.LlavaNextForConditionalGeneration
+            processor = tf.LlavaNextProcessor(**parts)
+        else:
+            config = tf.LlavaNextVideoConfig(**common, video_token_index=video_token_id, spatial_pool_stride=2)
+            model_cls = tf.LlavaNextVideoForConditionalGeneration
+            video_processor = tf.LlavaNextVideoVideoProcessor(size={"shortest_edge": image_size}, crop_size=crop, **norm)
+            processor = tf.LlavaNextVideoProcessor(video_processor=video_processor, **parts)
     else:
         vision.pop("attn_implementation")
         config = tf.LlavaOnevisionConfig(

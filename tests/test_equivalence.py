@@ -8,7 +8,7 @@ import torch
 import mllm_mod
 from conftest import build, make_inputs
 
-FAMILIES = ["llava", "llava_next", "llava_onevision"]
+FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision"]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -5,6 +5,7 @@ No routing math lives here. An adapter is registered for one or more `config.mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +23,20 @@ class Adapter:
     model_types: the `config.model_type` values it serves.
     vision_token_attrs: config attributes holding the ids of vision placeholder tokens (the processor
         expands each image/video into that many placeholder ids; the model scatters features into them).
+    video_token_attr: the config attribute of the video placeholder id, for families with video input.
+    frame_tokens: config -> placeholder tokens per video frame (the model's pooled frame size).
+    video_trailing: placeholders after the last frame of each video (OneVision appends one newline token).
+
+    Groups for per-group selection: each video frame is a group, and so is each image (a run of image
+    placeholders), so ``selection="group"`` keeps ``ceil(r * n)`` tokens of every frame and every image.
     """
 
     name: str
     model_types: tuple[str, ...]
     vision_token_attrs: tuple[str, ...]
+    video_token_attr: str | None = None
+    frame_tokens: Callable[[PretrainedConfig], int] | None = None
+    video_trailing: int = 0
 
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
         return config.get_text_config(decoder=True)
@@ -64,7 +74,53 @@ class Adapter:
             candidates = (inputs_embeds[:, :, None, :] == placeholders[None, None]).all(-1).any(-1)  # [B, T]
         else:
             candidates = None
-        return RoutingContext(candidates=candidates, attention_mask=attention_mask)
+        return RoutingContext(
+            candidates=candidates, groups=self.groups(model.config, input_ids, candidates), attention_mask=attention_mask
+        )
+
+    def groups(
+        self, config: PretrainedConfig, input_ids: torch.Tensor | None, candidates: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """[B, T] group ids: one per image run, one per video frame; -1 elsewhere (see `frame_groups`)."""
+        if candidates is None:
+            return None
+        video_id = getattr(config, self.video_token_attr, None) if self.video_token_attr else None
+        if video_id is None or input_ids is None or self.frame_tokens is None:
+            return frame_groups(candidates, tokens_per_frame=None)  # every run of placeholders is one group
+        video = input_ids == video_id  # [B, T]
+        image_groups = frame_groups(candidates & ~video, tokens_per_frame=None)
+        video_groups = frame_groups(video, self.frame_tokens(config), self.video_trailing)
+        offset = input_ids.shape[1]  # keeps image and frame ids apart (a sample has < T runs)
+        return torch.where(video, torch.where(video_groups >= 0, video_groups + offset, -1), image_groups)
+
+
+def frame_groups(mask: torch.Tensor, tokens_per_frame: int | None, trailing: int = 0) -> torch.Tensor:
+    """Group ids [B, T] for the runs of True in `mask` [B, T].
+
+    Each maximal run of consecutive placeholders is one image or one video. With `tokens_per_frame`,
+    a run is cut into frames of that many tokens (its last `trailing` tokens belong to no frame); without
+    it, the whole run is one group. Ids are unique within a sample; -1 marks tokens in no group. A run
+    whose frame tokens do not divide into whole frames is refused (the layout is not what we think).
+    """
+    batch, length = mask.shape
+    pos = torch.arange(length, device=mask.device).expand(batch, length)  # [B, T]
+    prev = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)  # [B, T] mask shifted right
+    nxt = torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)  # [B, T] mask shifted left
+    start = mask & ~prev
+    run = start.long().cumsum(dim=1) - 1  # [B, T] run number within the sample
+    run_start = torch.where(start, pos, 0).cummax(dim=1).values  # [B, T] first position of the run
+    if tokens_per_frame is None:
+        return torch.where(mask, run, -1)
+    end = torch.where(mask & ~nxt, pos, length).flip(1).cummin(dim=1).values.flip(1)  # [B, T] last position
+    run_frames = end - run_start + 1 - trailing  # [B, T] frame tokens of the token's run
+    if bool((mask & ((run_frames < 0) | (run_frames % tokens_per_frame != 0))).any()):
+        raise ValueError(
+            f"a video placeholder run is not a whole number of {tokens_per_frame}-token frames"
+            f"{f' plus {trailing} trailing token(s)' if trailing else ''}; the processor and the model disagree"
+        )
+    offset = pos - run_start  # [B, T] index within the run
+    frame = run * length + offset // tokens_per_frame  # unique per (run, frame)
+    return torch.where(mask & (offset < run_frames), frame, -1)
 
 
 _REGISTRY: dict[str, Adapter] = {}
