@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .adapters import adapter_for, supported_model_types
+from .arank import ARankReport, arank  # the function shadows the module name, as the API asks
 from .config import PRESETS, MoDConfig, preset
 from .efficiency import EfficiencyReport, efficiency
 from .layer import MoDLayer, RoutingContext
@@ -17,6 +18,7 @@ from .retrofit import (
 )
 
 __all__ = [
+    "ARankReport",
     "PRESETS",
     "EfficiencyReport",
     "MoDConfig",
@@ -24,6 +26,7 @@ __all__ = [
     "RoutingContext",
     "__version__",
     "adapter_for",
+    "arank",
     "efficiency",
     "from_pretrained",
     "layer_ratios",

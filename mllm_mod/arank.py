@@ -66,6 +66,10 @@ class ARankReport:
         dense = set(self.dense_layers(keep_dense, threshold))
         return [i for i in range(self.num_layers) if i not in dense]
 
+    def schedule(self, keep_dense: int | None = None, threshold: float | None = None) -> dict[str, Any]:
+        """`MoDConfig` overrides that make exactly this report's `mod_layers` route (constant ratio)."""
+        return {"schedule": "constant", "layers": self.mod_layers(keep_dense, threshold), "skip_layers": None}
+
     def save(self, directory: str | os.PathLike, plot: bool = True) -> str:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, REPORT_NAME)

@@ -9,7 +9,7 @@ import logging
 import sys
 
 # modules that provide subcommands, each with `register(subparsers) -> None`
-COMMAND_MODULES = ("mllm_mod.commands.core",)
+COMMAND_MODULES = ("mllm_mod.commands.core", "mllm_mod.commands.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,10 +117,15 @@ class MoDConfig:
         if self.layers is not None and self.skip_layers is not None:
             raise ValueError("give either layers (the MoD layers) or skip_layers (the dense ones), not both")
 
-    def replace(self, **overrides: Any) -> MoDConfig:
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+    @classmethod
+    def check_fields(cls, keys: Iterable[str]) -> None:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(keys) - names
         if unknown:
-            raise ValueError(f"unknown MoDConfig fields: {sorted(unknown)}")
+            raise ValueError(f"unknown MoDConfig fields {sorted(unknown)}; known: {sorted(names)}")
+
+    def replace(self, **overrides: Any) -> MoDConfig:
+        self.check_fields(overrides)
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,10 +133,7 @@ class MoDConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoDConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown MoDConfig fields {sorted(unknown)}; known: {sorted(names)}")
+        cls.check_fields(data)
         return cls(**data)
 
     def save(self, directory: str | os.PathLike) -> str:

@@ -21,7 +21,7 @@ from .cache import MoDCacheLayer, mod_cache_layer
 from .config import MoDConfig
 from .masks import SDPA_LIKE, allowed_pairs, backend_mask
 from .router import Router, build_router, token_weights
-from .select import topk_per_group, topk_per_sample
+from .select import keep_count, topk_per_group, topk_per_sample
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,18 @@ class RoutingContext:
     attention_mask: torch.Tensor | None = None
     stats: list[LayerStats] | None = field(default=None)
     records: list[RouterRecord] | None = field(default=None)
+    _host: torch.Tensor | None = field(default=None, repr=False)
+
+    def host_counts(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """[2, B] on the CPU: candidate (vision) tokens and padding tokens of the chunk per sample.
+
+        Read from the device once per forward (every layer of a forward sees the same chunk), so the
+        layers need no further host synchronisation for the common rules: sizes follow from these counts.
+        """
+        if self._host is None:
+            vision = self.candidates & token_mask if self.candidates is not None else torch.zeros_like(token_mask)
+            self._host = torch.stack([vision.sum(dim=1), (~token_mask).sum(dim=1)]).cpu()
+        return self._host
 
 
 def combine_kept(
@@ -130,11 +142,10 @@ class MoDLayer(nn.Module):
         return f"layer_idx={self.layer_idx}, ratio={self.ratio:.6f}, weighting={self.mod_config.weighting!r}"
 
     # -- routing ---------------------------------------------------------------------------------
-    def competing(self, ctx: RoutingContext, token_mask: torch.Tensor, past: int) -> torch.Tensor | None:
+    def competing(self, ctx: RoutingContext, token_mask: torch.Tensor, past: int, has_vision: bool) -> torch.Tensor | None:
         """[B, T] tokens that compete for this layer under ``config.candidates``, or None (all kept)."""
         cfg = self.mod_config
         vision = ctx.candidates & token_mask if ctx.candidates is not None else None
-        has_vision = vision is not None and bool(vision.any())
         if not has_vision:  # a text-only chunk: a generated token, or a prompt without images
             if past > 0 and cfg.decode_skip:
                 return token_mask
@@ -147,6 +158,15 @@ class MoDLayer(nn.Module):
         # "vision_and_prefix": masked routing, the prompt before the first vision token competes too
         prefix = (vision.cumsum(dim=1) == 0) & vision.any(dim=1, keepdim=True) & token_mask if past == 0 else False
         return vision | prefix
+
+    def kept_rows(self, keep: torch.Tensor, ctx: RoutingContext, token_mask: torch.Tensor, decoding: bool) -> torch.Tensor:
+        """Kept tokens per row ([B], CPU). For top-k over vision tokens the count is known ahead from the
+        forward's host-side counts (no device sync); other rules read it from the keep mask."""
+        cfg = self.mod_config
+        if cfg.candidates == "vision" and cfg.selection == "topk" and not decoding and (self.training or cfg.inference == "topk"):
+            n_vision = ctx.host_counts(token_mask)[0]  # [B]
+            return keep.shape[1] - n_vision + keep_count(n_vision, self.ratio)  # padding rows keep their padding
+        return keep.sum(dim=1).cpu()
 
     def select(self, weights: torch.Tensor, candidates: torch.Tensor, ctx: RoutingContext, decoding: bool) -> torch.Tensor:
         """Keep mask [B, T] from token weights [B, T]; non-candidates are always kept."""
@@ -210,25 +230,28 @@ class MoDLayer(nn.Module):
         token_mask = _chunk_padding_mask(ctx, batch, length, device)  # [B, T] real tokens
 
         # 1. score and select
-        candidates = self.competing(ctx, token_mask, past)
-        routed = candidates is not None and bool(candidates.any())
+        n_vision, n_padding = ctx.host_counts(token_mask)  # [B] each, on the CPU (one sync per forward)
+        has_vision = bool(n_vision.any())
+        candidates = self.competing(ctx, token_mask, past, has_vision)
+        routed = candidates is not None
         if routed:
             router_in = self.base_layer.input_layernorm(x) if cfg.router_input == "normed" else x
             logits = self.router(router_in)  # [B, T, C] float32
             weights = token_weights(logits, cfg)  # [B, T]
-            decoding = past > 0 and ctx.candidates is not None and not bool(ctx.candidates.any())
+            decoding = past > 0 and ctx.candidates is not None and not has_vision
             keep = self.select(weights, candidates, ctx, decoding)  # [B, T]
             if ctx.records is not None:
                 ctx.records.append(RouterRecord(self.layer_idx, logits, weights, candidates, keep))
-            n_keep = keep.sum(dim=1)  # [B]
-            kept_len = int(n_keep.max())
+            rows = self.kept_rows(keep, ctx, token_mask, decoding)  # [B] CPU
+            kept_len, uniform = int(rows.max()), bool((rows == rows[0]).all())
             # kept positions first, in original order; the tail of each row (filler slots) is masked
             order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kept_len]  # [B, Tk]
-            filled = torch.arange(kept_len, device=device)[None, :] < n_keep[:, None]  # [B, Tk]
+            filled = torch.arange(kept_len, device=device)[None, :] < keep.sum(dim=1)[:, None]  # [B, Tk]
         else:
-            kept_len = length
+            kept_len, uniform = length, True
             order = torch.arange(length, device=device).expand(batch, length)  # [B, T]
             filled = torch.ones(batch, length, dtype=torch.bool, device=device)
+        all_valid = uniform and not bool(n_padding.any())  # no filler slot and no padding in the chunk
         q_index = past + order  # [B, Tk] original sequence index
         q_valid = filled & token_mask.gather(1, order)  # [B, Tk]
 
@@ -244,7 +267,7 @@ class MoDLayer(nn.Module):
             if cache_layer is not None and cache_layer.index is not None:
                 k_index = torch.cat([cache_layer.index, q_index], dim=1)  # [B, S + Tk]
                 k_valid = torch.cat([cache_layer.valid, q_valid], dim=1)
-            mask = self._attention_mask(q_index, k_index, k_valid, x.dtype, plain_causal=(past == 0))
+            mask = self._attention_mask(q_index, k_index, k_valid, x.dtype, plain_causal=(past == 0 and all_valid))
             if checkpointing:
                 h, m = self._gradient_checkpointing_func(self.block, xk, mask, cos, sin, pos_k, None)
             else:
@@ -292,7 +315,7 @@ class MoDLayer(nn.Module):
         implementation = attn.config._attn_implementation
         # Qwen2 sets it per layer on the attention module; Mistral reads it from the config
         window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
-        if plain_causal and window is None and implementation in SDPA_LIKE and bool(k_valid.all()):
+        if plain_causal and window is None and implementation in SDPA_LIKE:
             return None  # nothing is masked but the future: let sdpa use its causal kernels
         return backend_mask(allowed_pairs(q_index, k_index, k_valid, window), k_valid, implementation, dtype)
 

@@ -99,13 +99,16 @@ def retrofit(
     model: nn.Module,
     config: MoDConfig | str | dict[str, Any] = "pmod",
     arank: ARankReport | str | os.PathLike | None = None,
+    arank_dense: int | None = None,
+    arank_threshold: float | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Replace the decoder layers the schedule names with `MoDLayer`s, in place; returns `model`.
 
     `config` is a `MoDConfig`, a preset name (``"pmod"``, ``"gmod"``, ``"videomod"``) or a dict;
     `overrides` change single fields (``retrofit(model, "pmod", prd_min_ratio=0.2)``). `arank` (a
-    report or its path) picks the MoD layers: its highest-ARank layers stay dense, the rest route.
+    report or its path) picks the MoD layers: its `arank_dense` highest-ARank layers (default 4 of 32,
+    scaled to the depth), or those with ARank >= `arank_threshold`, stay dense; the rest route.
     """
     if is_retrofitted(model):
         raise ValueError("model is already retrofitted; call mllm_mod.unload(model) first")
@@ -115,7 +118,9 @@ def retrofit(
         report = arank if isinstance(arank, ARankReport) else ARankReport.load(arank)
         if report.num_layers != len(layers):
             raise ValueError(f"the ARank report covers {report.num_layers} layers, the model has {len(layers)}")
-        overrides = {"schedule": "constant", "layers": report.mod_layers(), "skip_layers": None, **overrides}
+        overrides = {**report.schedule(arank_dense, arank_threshold), **overrides}
+    elif arank_dense is not None or arank_threshold is not None:
+        raise ValueError("arank_dense / arank_threshold need an ARank report (arank=...)")
     config = as_config(config, **overrides)
     text = adapter.text_config(model.config)
     chosen = mod_layers(config, len(layers))

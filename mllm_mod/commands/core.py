@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="pmod", choices=sorted(PRESETS))
     p.add_argument("--config", help="a mod_config.json to use instead of a preset")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override MoDConfig fields")
+    p.add_argument("--arank", help="an ARank report (mllm-mod arank): its highest-ARank layers stay dense")
+    p.add_argument("--dense-layers", type=int, help="with --arank: how many layers stay dense (default 4 of 32, scaled)")
+    p.add_argument("--arank-threshold", type=float, help="with --arank: keep dense every layer with ARank >= this")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--full", action="store_true", help="save the whole model (save_pretrained), not only the adapter")
     p.set_defaults(func=run_retrofit)
@@ -76,9 +79,10 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", **kwargs:
 def run_retrofit(args: argparse.Namespace) -> int:
     from .. import retrofit, save_mod
 
-    model = load_model(args.model)
     config = MoDConfig.load(os.path.dirname(args.config) or ".") if args.config else args.preset
-    model = retrofit(model, as_config(config, **parse_overrides(args.set)))
+    config = as_config(config, **parse_overrides(args.set))  # bad overrides fail before the model loads
+    model = load_model(args.model)
+    model = retrofit(model, config, arank=args.arank, arank_dense=args.dense_layers, arank_threshold=args.arank_threshold)
     if args.full:
         model.save_pretrained(args.out)
         _copy_processor(args.model, args.out)
