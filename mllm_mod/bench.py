@@ -176,7 +176,9 @@ def bench_prefill(model: nn.Module, options: BenchOptions, n_vision: int, timer:
                 row[f"{label}_ms"] = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
         costs = layer_cost_table(model, b, [total, *kept], timer)
         results.layer_cost_ms[b] = costs
-        outside_layers = row["dense_ms"] - shape.layers * costs[total]  # embeddings, final norm, head
+        # embeddings, final norm, head (never below 0: timing noise could make the difference negative)
+        outside_layers = max(0.0, row["dense_ms"] - shape.layers * costs[total])
+        row["outside_layers_ms"] = outside_layers
         row["ideal_ms"] = outside_layers + sum(costs[t] for t in kept)
         results.prefill.append(row)
 
