@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .select import keep_count
+from .select import group_keep_count, keep_count
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,20 @@ class DecoderShape:
         return 2 * self.kv_heads * self.head_dim * bytes_per_element
 
 
-def kept_tokens(ratios: list[float], n_text: int, n_vision: int) -> list[int]:
-    """Tokens each layer processes for one sample: text + trunc(ratio * n_vision) (dense layers: all)."""
-    n = torch.tensor(n_vision)
-    return [n_text + (n_vision if r == 1.0 else int(keep_count(n, r))) for r in ratios]
+def kept_tokens(ratios: list[float], n_text: int, n_vision: int, tokens_per_frame: int | None = None) -> list[int]:
+    """Tokens each layer processes for one sample (dense layers: all): text + trunc(ratio * n_vision), or
+    with `tokens_per_frame` (per-frame top-k, VideoLLM-MoD) text + frames * ceil(ratio * tokens_per_frame)."""
+    if tokens_per_frame is not None and n_vision % tokens_per_frame:
+        raise ValueError(f"{n_vision} vision tokens are not whole frames of {tokens_per_frame}")
+
+    def vision(r: float) -> int:
+        if r == 1.0:
+            return n_vision
+        if tokens_per_frame is None:
+            return int(keep_count(torch.tensor(n_vision), r))
+        return n_vision // tokens_per_frame * int(group_keep_count(torch.tensor(tokens_per_frame), r))
+
+    return [n_text + vision(r) for r in ratios]
 
 
 @dataclass
@@ -96,18 +106,20 @@ def prefill_cost(
     bytes_per_element: int = 2,
     mod_layers: list[bool] | None = None,
     tokens_per_layer: list[int] | None = None,
+    tokens_per_frame: int | None = None,
 ) -> PrefillCost:
     """Prefill cost for one sample of `n_text` text and `n_vision` vision tokens.
 
     `ratios`: per-layer keep ratio (all 1.0 = dense). `mod_layers`: which layers route (and so pay for a
     router); by default the layers with ratio < 1. `tokens_per_layer`: measured kept tokens, for rules
     whose count is data-dependent (threshold routing, routed text); by default text + trunc(r * vision).
+    `tokens_per_frame`: count per-frame top-k instead (see `kept_tokens`).
     """
     if len(ratios) != shape.layers:
         raise ValueError(f"{len(ratios)} ratios for a decoder of {shape.layers} layers")
     mod_layers = [r < 1.0 for r in ratios] if mod_layers is None else mod_layers
     total = n_text + n_vision
-    tokens = kept_tokens(ratios, n_text, n_vision) if tokens_per_layer is None else tokens_per_layer
+    tokens = kept_tokens(ratios, n_text, n_vision, tokens_per_frame) if tokens_per_layer is None else tokens_per_layer
     flops = [shape.layer_flops(t) + (shape.router_flops(total) if routed else 0) for t, routed in zip(tokens, mod_layers)]
     return PrefillCost(
         tokens_per_layer=tokens,

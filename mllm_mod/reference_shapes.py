@@ -12,6 +12,7 @@ class ReferenceShape:
     description: str
     n_vision: int  # vision tokens of a typical sample
     n_text: int  # text tokens of a typical prompt
+    tokens_per_frame: int | None = None  # video models: pooled tokens per frame
 
     def config(self) -> Any:
         import transformers as tf
@@ -30,6 +31,11 @@ class ReferenceShape:
             hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
             image_size=336, patch_size=14, projection_dim=768,
         )
+        if self.tokens_per_frame is not None:  # LLaVA-NeXT-Video: 24x24 patches pooled by 2 -> 144 per frame
+            return tf.LlavaNextVideoConfig(
+                vision_config=vision, text_config=text, image_token_index=32001, video_token_index=32000,
+                spatial_pool_stride=2,
+            )
         cls = tf.LlavaNextConfig if "next" in self.name else tf.LlavaConfig
         return cls(vision_config=vision, text_config=text, image_token_index=32000)
 
@@ -39,5 +45,8 @@ REFERENCE_SHAPES = {
     for s in (
         ReferenceShape("llava-1.5-7b", "LLaVA-1.5-7B: Vicuna-7B + CLIP-L/336, 576 image tokens", 576, 64),
         ReferenceShape("llava-next-7b", "LLaVA-NeXT-7B (Vicuna): anyres 2x2 + base, ~2880 image tokens", 2880, 64),
+        ReferenceShape(
+            "llava-next-video-7b", "LLaVA-NeXT-Video-7B: 32 frames x 144 pooled tokens", 32 * 144, 64, tokens_per_frame=144
+        ),
     )
 }

@@ -72,3 +72,30 @@ def test_llava15_7b_shape_matches_design():
     assert vision_kv == pytest.approx(0.5375, abs=2e-3)  # trunc() per layer shaves a little
     assert 0.55 < mod.decoder_flops / dense.decoder_flops < 0.62  # DESIGN: ~0.59 ideal, paper 58.7%
     assert dense.tflops == pytest.approx(8.7, rel=0.05)  # 2 * 6.5e9 params * 640 tokens + attention
+
+
+def test_per_frame_accounting_matches_the_measured_video_prefill():
+    """kept_tokens(tokens_per_frame=...) = what per-frame top-k really keeps (LLaVA-NeXT-Video, 4 frames)."""
+    from test_video import make_video_inputs
+
+    from mllm_mod.efficiency import efficiency
+    from mllm_mod.flops import kept_tokens
+
+    assert kept_tokens([1.0, 0.2, 0.5], 3, 4 * 144, tokens_per_frame=144) == [3 + 576, 3 + 4 * 29, 3 + 4 * 72]
+    with pytest.raises(ValueError, match="not whole frames of 144"):
+        kept_tokens([0.2], 3, 100, tokens_per_frame=144)
+    model, processor = build("llava_next_video")
+    mllm_mod.retrofit(model, "videomod", schedule="constant", layers=[1, 2, 3], ratio=0.3)
+    randomize_routers(model)
+    report = efficiency(model, make_video_inputs(processor))
+    for b, (t, v) in enumerate(zip(report.n_text, report.n_vision)):
+        assert [layer[b] for layer in report.kept_per_layer] == kept_tokens(report.layer_ratios, t, v, tokens_per_frame=4)
+
+
+def test_video_7b_shape_profile(capsys):
+    from mllm_mod.cli import main
+
+    assert main(["profile", "llava-next-video-7b", "--config-only", "--preset", "videomod"]) == 0
+    out = capsys.readouterr().out
+    # 16 interleaved MoD layers keep 32 frames * ceil(0.2 * 144) = 928 of 4608 vision tokens
+    assert "MoD layers: 16, vision KV fraction 0.6007" in out

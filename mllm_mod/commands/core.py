@@ -125,8 +125,10 @@ def run_profile(args: argparse.Namespace) -> int:
     shape = DecoderShape.from_config(adapter.text_config(model.config))
     ratios = layer_ratios(model)
     element = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    per_frame = model.mod_state.config.selection == "group" and adapter.frame_tokens is not None
+    frame = adapter.frame_tokens(model.config) if per_frame else None  # per-frame top-k counts
     dense = prefill_cost(shape, [1.0] * shape.layers, args.n_text, n_vision, element)
-    mod = prefill_cost(shape, ratios, args.n_text, n_vision, element)
+    mod = prefill_cost(shape, ratios, args.n_text, n_vision, element, tokens_per_frame=frame)
     result: dict[str, Any] = {
         "model": args.model,
         "preset": model.mod_state.config.preset,
