@@ -103,6 +103,7 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
         prefill_cost(
             shape, ratios, t, v, element, mod_layers=routes,
             tokens_per_layer=None if formula else [kept[i][b] for i in range(len(layers))],
+            router_outputs=2 if cfg.router == "shared" else 1,
         )
         for b, (t, v) in enumerate(zip(n_text, n_vision))
     ]

@@ -53,8 +53,8 @@ class DecoderShape:
         mlp = 6 * tokens * self.hidden * self.intermediate
         return projections + attention + mlp
 
-    def router_flops(self, tokens: int) -> int:
-        return 2 * tokens * self.hidden  # Linear(D, 1); the bias add is not a multiply-add
+    def router_flops(self, tokens: int, outputs: int = 1) -> int:
+        return 2 * tokens * self.hidden * outputs  # Linear(D, C); the bias add is not a multiply-add
 
     def lm_head_flops(self, tokens: int) -> int:
         return 2 * tokens * self.hidden * self.vocab
@@ -107,20 +107,22 @@ def prefill_cost(
     mod_layers: list[bool] | None = None,
     tokens_per_layer: list[int] | None = None,
     tokens_per_frame: int | None = None,
+    router_outputs: int = 1,
 ) -> PrefillCost:
     """Prefill cost for one sample of `n_text` text and `n_vision` vision tokens.
 
     `ratios`: per-layer keep ratio (all 1.0 = dense). `mod_layers`: which layers route (and so pay for a
     router); by default the layers with ratio < 1. `tokens_per_layer`: measured kept tokens, for rules
     whose count is data-dependent (threshold routing, routed text); by default text + trunc(r * vision).
-    `tokens_per_frame`: count per-frame top-k instead (see `kept_tokens`).
+    `tokens_per_frame`: count per-frame top-k instead (see `kept_tokens`). `router_outputs`: the router's
+    width (1 for p-MoD / VideoLLM-MoD, 2 for gamma-MoD's shared 2-way router).
     """
     if len(ratios) != shape.layers:
         raise ValueError(f"{len(ratios)} ratios for a decoder of {shape.layers} layers")
     mod_layers = [r < 1.0 for r in ratios] if mod_layers is None else mod_layers
     total = n_text + n_vision
     tokens = kept_tokens(ratios, n_text, n_vision, tokens_per_frame) if tokens_per_layer is None else tokens_per_layer
-    flops = [shape.layer_flops(t) + (shape.router_flops(total) if routed else 0) for t, routed in zip(tokens, mod_layers)]
+    flops = [shape.layer_flops(t) + (shape.router_flops(total, router_outputs) if routed else 0) for t, routed in zip(tokens, mod_layers)]
     return PrefillCost(
         tokens_per_layer=tokens,
         flops_per_layer=flops,

@@ -99,3 +99,23 @@ def test_video_7b_shape_profile(capsys):
     out = capsys.readouterr().out
     # 16 interleaved MoD layers keep 32 frames * ceil(0.2 * 144) = 928 of 4608 vision tokens
     assert "MoD layers: 16, vision KV fraction 0.6007" in out
+
+
+def test_accounting_matches_flop_counter_for_gmod_threshold_routing():
+    """Data-dependent counts (threshold routing over image + system prompt) and the 2-way shared router."""
+    from mllm_mod.efficiency import efficiency
+
+    model, processor = build("llava", "eager")
+    inputs = make_inputs(processor, n=1)
+    mllm_mod.retrofit(model, "gmod", layers=[1, 2, 3], skip_layers=None)
+    randomize_routers(model)
+    report = efficiency(model, inputs)
+    kept = [layer[0] for layer in report.kept_per_layer]
+    assert len(set(kept[1:])) > 1 or kept[1] < kept[0]  # threshold routing really skipped tokens
+    measured, _ = _decoder_flops(model, inputs)
+    shape = DecoderShape.from_config(model.config.text_config)
+    cost = prefill_cost(
+        shape, report.layer_ratios, report.n_text[0], report.n_vision[0], tokens_per_layer=kept, router_outputs=2
+    )
+    assert measured == cost.decoder_flops
+    assert report.mod_tflops[0] == cost.tflops
