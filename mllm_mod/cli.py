@@ -9,7 +9,14 @@ import logging
 import sys
 
 # modules that provide subcommands, each with `register(subparsers) -> None`
-COMMAND_MODULES = ("mllm_mod.commands.core", "mllm_mod.commands.bench")
+COMMAND_MODULES = (
+    "mllm_mod.commands.core",
+    "mllm_mod.commands.arank",
+    "mllm_mod.commands.bench",
+    "mllm_mod.commands.data",
+    "mllm_mod.commands.train",
+    "mllm_mod.commands.eval",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

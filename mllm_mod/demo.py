@@ -1,14 +1,62 @@
-"""The embedded demo: everything on a tiny random LLaVA, no downloads, a few minutes on 2 CPU cores."""
+"""The embedded demo: everything on a tiny random LLaVA, no downloads, a few minutes on 2 CPU cores.
+
+1. ratio-1 equivalence: MoD with every layer at ratio 1 and fresh routers is the dense model;
+2. what p-MoD saves on a batch (measured kept tokens and KV entries beside the accounting);
+3. synthetic visual-instruction data (`mllm_mod.data.synth`), written as LLaVA JSON + PNGs;
+4. train the tiny LLaVA dense on it (`mllm_mod.train.train`, the same recipe as `mllm-mod train`);
+5. retrofit p-MoD onto the trained model and fine-tune it (p-MoD recipe: vision tower frozen);
+6. evaluate dense and MoD on the held-out split: accuracy per family against its chance level,
+   TFLOPs and KV-cache bytes per sample, wall time; one table, ``results.json`` and ``demo.png``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from . import layer_ratios, retrofit, unload
 from .efficiency import efficiency
 from .tiny import tiny_model
+
+DEMO_LAYERS = 8  # the equivalence and savings steps
+TRAIN_LAYERS = 4  # the trained model: PRD gives layer ratios 1, 0.75, 0.25, 0.15
+
+
+@dataclass
+class DemoSettings:
+    """Sizes chosen so the whole demo takes a few minutes on 2 CPU cores.
+
+    Families: the ones a model this small learns in a few hundred steps (spatial relations, OCR,
+    charts and multiple choice need more capacity and steps; ``families=None`` takes every image family).
+    Threads: one compute thread (these tensors are too small to gain from intra-op threads, and on a
+    busy machine oversubscribed threads are many times slower) and one data-loading worker.
+    """
+
+    n_samples: int = 2000  # synthetic samples (90% train, 10% held out)
+    families: tuple[str, ...] | None = ("color", "shape", "count", "presence")
+    hidden_size: int = 64
+    dense_epochs: float = 3.5
+    mod_epochs: float = 1.0
+    batch_size: int = 16
+    dense_lr: float = 2e-3
+    mod_lr: float = 1e-3
+    router_lr: float = 1e-2
+    threads: int = 1
+    num_workers: int = 1
+
+
+@dataclass
+class PhaseLog:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, name: str, start: float) -> None:
+        self.seconds[name] = time.perf_counter() - start
 
 
 def _demo_batch(processor, seed: int):
@@ -29,7 +77,7 @@ def _demo_batch(processor, seed: int):
 
 def check_equivalence(seed: int = 0) -> float:
     """Max |logit difference| between the dense model and MoD at ratio 1 on every layer (should be ~0)."""
-    model, processor = tiny_model("llava", num_layers=8, seed=seed)
+    model, processor = tiny_model("llava", num_layers=DEMO_LAYERS, seed=seed)
     batch = _demo_batch(processor, seed)
     real = batch["attention_mask"].bool()
     with torch.no_grad():
@@ -40,8 +88,52 @@ def check_equivalence(seed: int = 0) -> float:
     return float((dense - mod).abs().max())
 
 
-def run(out: str = "runs/demo", seed: int = 0) -> int:
+# -- evaluation on the held-out split ------------------------------------------------------------
+def prompt_batches(processor, records: list[dict[str, Any]], image_folder: str, batch_size: int):
+    """Left-padded prompt batches (the chat template up to the assistant turn) and their records."""
+    from PIL import Image
+
+    processor.tokenizer.padding_side = "left"
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        texts, images = [], []
+        for record in chunk:
+            question = record["conversations"][0]["value"].replace("<image>", "").strip()
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            with Image.open(os.path.join(image_folder, record["image"])) as image:
+                images.append(image.convert("RGB"))
+        yield chunk, processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def answer_accuracy(model, processor, records: list[dict[str, Any]], image_folder: str, desc: str) -> dict[str, float]:
+    """Accuracy per family of the greedy first answer token (every synthetic answer is one word)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    tokenizer = processor.tokenizer
+    hits: dict[str, list[int]] = defaultdict(list)
+    batches = prompt_batches(processor, records, image_folder, batch_size=32)
+    for chunk, batch in tqdm(batches, total=-(-len(records) // 32), desc=desc, unit="batch"):
+        predicted = model(**batch, logits_to_keep=1).logits[:, -1].argmax(-1)  # [B]
+        for record, token in zip(chunk, predicted.tolist()):
+            answer = tokenizer.convert_tokens_to_ids(record["answer"])
+            hits[record["family"]].append(int(token == answer))
+    return {family: sum(v) / len(v) for family, v in sorted(hits.items())}
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = None) -> int:
+    from .data import synth
+    from .train import load_config, train
+
+    settings = settings or DemoSettings()
+    torch.set_num_threads(settings.threads)
     os.makedirs(out, exist_ok=True)
+    log = PhaseLog()
+    begin = time.perf_counter()
+
     print("== 1. equivalence: MoD at ratio 1 on every layer vs the dense model (tiny LLaVA-1.5, 8 layers)")
     diff = check_equivalence(seed)
     print(f"max |logit difference| = {diff:.2e}  ->  {'OK' if diff < 1e-5 else 'MISMATCH'}")
@@ -49,9 +141,132 @@ def run(out: str = "runs/demo", seed: int = 0) -> int:
         return 1
 
     print("\n== 2. p-MoD retrofit (PRD schedule, TanhNorm, STRing) and what it saves on a batch of 4")
-    model, processor = tiny_model("llava", num_layers=8, seed=seed)
+    model, processor = tiny_model("llava", num_layers=DEMO_LAYERS, seed=seed)
     retrofit(model, "pmod")
     print("keep ratio per layer: " + " ".join(f"{r:.2f}" for r in layer_ratios(model)))
-    report = efficiency(model, _demo_batch(processor, seed))
-    print(report.table())
+    print(efficiency(model, _demo_batch(processor, seed)).table())
+
+    print(f"\n== 3. synthetic visual-instruction data: {settings.n_samples} samples")
+    start = time.perf_counter()
+    data_dir = os.path.join(out, "data")
+    meta = synth.generate(data_dir, settings.n_samples, seed=seed, only=settings.families)
+    log.timed("data", start)
+    with open(os.path.join(data_dir, "test.json")) as f:
+        test = json.load(f)
+
+    print(f"\n== 4. dense training of a tiny LLaVA ({TRAIN_LAYERS} layers, hidden {settings.hidden_size}), from random init")
+    start = time.perf_counter()
+    base_dir, dense_dir, mod_dir = (os.path.join(out, name) for name in ("base", "dense", "mod"))
+    model, processor = tiny_model(
+        "llava", num_layers=TRAIN_LAYERS, words=meta["vocabulary"], seed=seed,
+        hidden_size=settings.hidden_size, intermediate_size=2 * settings.hidden_size,
+    )
+    model.save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    common = {
+        "data": os.path.join(data_dir, "train.json"), "image_folder": data_dir, "batch_size": settings.batch_size,
+        "num_workers": settings.num_workers, "gradient_checkpointing": False, "save_steps": 10**6, "logging_steps": 5, "seed": seed, "bf16": False,
+        "warmup_ratio": 0.03, "max_length": 256,
+    }
+    dense = train(load_config(
+        model=base_dir, output_dir=dense_dir, epochs=settings.dense_epochs, lr=settings.dense_lr,
+        freeze_vision_tower=False, max_grad_norm=0.0, **common,  # from random init everything learns, unclipped
+    ))
+    log.timed("train dense", start)
+
+    print("\n== 5. retrofit p-MoD onto the trained model and fine-tune (vision tower frozen, routers at their own lr)")
+    start = time.perf_counter()
+    mod = train(load_config(
+        model=dense_dir, output_dir=mod_dir, preset="pmod", epochs=settings.mod_epochs, lr=settings.mod_lr,
+        router_lr=settings.router_lr, **common,
+    ))
+    log.timed("train MoD", start)
+
+    print("\n== 6. held-out evaluation")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .retrofit import from_pretrained
+
+    processor = AutoProcessor.from_pretrained(dense_dir)
+    results: dict[str, Any] = {"families": {}, "train": {"dense": dense.to_dict(), "mod": mod.to_dict()}}
+    start = time.perf_counter()
+    dense_model = AutoModelForImageTextToText.from_pretrained(dense_dir)
+    acc_dense = answer_accuracy(dense_model, processor, test, data_dir, "eval dense")
+    log.timed("eval dense", start)
+    start = time.perf_counter()
+    mod_model = from_pretrained(mod_dir)
+    acc_mod = answer_accuracy(mod_model, processor, test, data_dir, "eval MoD")
+    log.timed("eval MoD", start)
+    _, batch = next(prompt_batches(processor, test, data_dir, batch_size=32))
+    report = efficiency(mod_model, batch)
+
+    rows = [("family", "chance", "dense acc", "MoD acc")]
+    for family, acc in acc_dense.items():
+        chance = meta["families"][family]["chance"]
+        results["families"][family] = {"chance": chance, "dense": acc, "mod": acc_mod[family]}
+        rows.append((family, f"{chance:.3f}", f"{acc:.3f}", f"{acc_mod[family]:.3f}"))
+    mean = {k: sum(acc.values()) / len(acc) for k, acc in (("dense", acc_dense), ("mod", acc_mod))}
+    mean_chance = sum(meta["families"][f]["chance"] for f in acc_dense) / len(acc_dense)
+    rows.append(("mean", f"{mean_chance:.3f}", f"{mean['dense']:.3f}", f"{mean['mod']:.3f}"))
+    rows.append(("prefill TFLOPs / sample", "", f"{report.mean(report.dense_tflops):.3e}", f"{report.mean(report.mod_tflops):.3e}"))
+    rows.append(("KV cache bytes / sample", "", f"{report.mean(report.dense_kv_bytes):.0f}", f"{report.mean(report.mod_kv_bytes):.0f}"))
+    rows.append(("train loss first -> last", "", _loss_range(dense), _loss_range(mod)))
+    rows.append(("train wall time s", "", f"{log.seconds['train dense']:.0f}", f"{log.seconds['train MoD']:.0f}"))
+    rows.append(("eval wall time s", "", f"{log.seconds['eval dense']:.1f}", f"{log.seconds['eval MoD']:.1f}"))
+    table = _markdown(rows)
+    print(f"held-out split: {len(test)} samples; MoD keeps {report.tflops_ratio:.3f} of the TFLOPs, {report.kv_ratio:.3f} of the KV cache")
+    print(table)
+    log.timed("total", begin)
+    results.update(
+        mean=mean, mean_chance=mean_chance, tflops_ratio=report.tflops_ratio, kv_ratio=report.kv_ratio,
+        layer_ratios=layer_ratios(mod_model), seconds=log.seconds, table=table,
+    )
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot(results, dense_dir, mod_dir, os.path.join(out, "demo.png"))
+    print(f"total {log.seconds['total']:.0f} s; results.json and demo.png in {out}")
     return 0
+
+
+def _loss_range(result) -> str:
+    if result.first_loss is None:
+        return "not logged"
+    return f"{result.first_loss:.2f} -> {result.last_loss:.2f}"
+
+
+def _markdown(rows: list[tuple[str, ...]]) -> str:
+    head, *body = rows
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def plot(results: dict[str, Any], dense_dir: str, mod_dir: str, path: str) -> None:
+    """Accuracy per family (dense, MoD, chance) and the two training-loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .train.trainer import LOG_NAME
+
+    families = list(results["families"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = range(len(families))
+    for offset, key, label in ((-0.2, "dense", "dense"), (0.2, "mod", "p-MoD")):
+        left.bar([x + offset for x in xs], [results["families"][f][key] for f in families], width=0.4, label=label)
+    left.scatter(list(xs), [results["families"][f]["chance"] for f in families], color="k", marker="_", s=400, label="chance")
+    left.set_xticks(list(xs), families, rotation=30)
+    left.set_ylabel("held-out accuracy")
+    left.legend()
+    offset = 0
+    for directory, label in ((dense_dir, "dense"), (mod_dir, "p-MoD fine-tune")):
+        with open(os.path.join(directory, LOG_NAME)) as f:
+            entries = [json.loads(line) for line in f if '"loss"' in line]
+        right.plot([offset + e["step"] for e in entries], [e["loss"] for e in entries], label=label)
+        offset += entries[-1]["step"] if entries else 0
+    right.set_xlabel("step")
+    right.set_ylabel("training loss")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -214,6 +214,7 @@ class MoDLayer(nn.Module):
         mod_routing: RoutingContext | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        self._run_base_pre_hooks(hidden_states)
         x = hidden_states  # [B, T, D]
         batch, length, dim = x.shape
         device = x.device
@@ -318,6 +319,17 @@ class MoDLayer(nn.Module):
         if plain_causal and window is None and implementation in SDPA_LIKE:
             return None  # nothing is masked but the future: let sdpa use its causal kernels
         return backend_mask(allowed_pairs(q_index, k_index, k_valid, window), k_valid, implementation, dtype)
+
+    def _run_base_pre_hooks(self, hidden_states: torch.Tensor) -> None:
+        """Forward pre-hooks placed on the wrapped layer run as if it were called, so that hook pairs
+        (DeepSpeed ZeRO-3's gather/release, which keeps a stack of running modules) stay balanced.
+        Their return values are ignored: the inputs of a MoD layer are not the wrapped layer's to change."""
+        base = self.base_layer
+        for hook_id, hook in base._forward_pre_hooks.items():
+            if hook_id in base._forward_pre_hooks_with_kwargs:
+                hook(base, (hidden_states,), {})
+            else:
+                hook(base, (hidden_states,))
 
     def _run_base_hooks(self, hidden_states: torch.Tensor, out: torch.Tensor) -> None:
         """Forward hooks placed on the wrapped layer (e.g. transformers' `output_hidden_states` recorder)

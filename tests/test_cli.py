@@ -68,3 +68,43 @@ def test_bad_input_gives_a_clear_error(tiny_dir, capsys):
     assert main(["profile", "llava-13b", "--config-only"]) == 2
     assert "'llava-13b' is neither a model directory nor one of ['llava-1.5-7b', 'llava-next-7b']" in capsys.readouterr().err
     assert not (tiny_dir / "x").exists()
+
+
+def test_arank_then_retrofit_from_the_report(tiny_dir, capsys):
+    """The gamma-MoD journey: calibrate on the user's own LLaVA JSON, then convert the redundant layers."""
+    from PIL import Image
+
+    from conftest import make_images
+
+    images = tiny_dir / "imgs"
+    images.mkdir()
+    records = []
+    for i, img in enumerate(make_images(seed=1)):
+        img.save(images / f"{i}.png")
+        records.append(
+            {
+                "id": f"s{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat color is the object ?"},
+                    {"from": "gpt", "value": "red"},
+                ],
+            }
+        )
+    (tiny_dir / "calib.json").write_text(json.dumps(records))
+    base, out = str(tiny_dir / "base"), tiny_dir / "arank"
+    args = ["arank", base, "--data", str(tiny_dir / "calib.json"), "--image-folder", str(images), "--out", str(out)]
+    assert main([*args, "--samples", "2", "--batch-size", "2"]) == 0
+    report = mllm_mod.ARankReport.load(out)
+    assert report.samples == 2 and report.num_layers == 4 and (out / "arank.png").exists()
+    assert f"highest-ARank layers (stay dense): {report.dense_layers()}" in capsys.readouterr().out
+    retro = ["retrofit", base, "--preset", "gmod", "--arank", str(out / "arank.json"), "--dense-layers", "2"]
+    assert main([*retro, "--out", str(tiny_dir / "ad")]) == 0
+    saved = json.loads((tiny_dir / "ad" / "mod_config.json").read_text())
+    assert saved["layers"] == report.mod_layers(keep_dense=2) and len(saved["layers"]) == 2
+    # a missing image names the sample and the path
+    Image.new("RGB", (4, 4)).save(images / "unused.png")
+    (images / "0.png").unlink()
+    assert main([*args, "--samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "s0" in err and "0.png" in err

@@ -186,3 +186,16 @@ def _counting(func, calls: list):
         return func(*args, **kwargs)
 
     return wrapped
+
+
+def test_hooks_on_the_wrapped_layer_run_in_balanced_pairs():
+    """Pre-hooks and hooks placed on a wrapped layer (DeepSpeed ZeRO-3 places such pairs) both run once."""
+    model, processor = pmod_model("llava")
+    base = model.model.language_model.layers[2].base_layer
+    calls = []
+    base.register_forward_pre_hook(lambda m, a: calls.append("pre"))
+    base.register_forward_hook(lambda m, a, o: calls.append(("post", tuple(o.shape))))
+    inputs = make_inputs(processor)
+    with torch.no_grad():
+        model(**inputs)
+    assert calls == ["pre", ("post", (3, inputs["input_ids"].shape[1], 32))]
