@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "mllm_mod.commands.data",
     "mllm_mod.commands.train",
     "mllm_mod.commands.eval",
+    "mllm_mod.commands.stream",
 )
 
 

@@ -240,23 +240,43 @@ def from_pretrained(directory: str | os.PathLike, **hf_kwargs: Any) -> nn.Module
             f"{directory!s}/config.json has no {CONFIG_KEY!r}: not a full MoD checkpoint "
             "(for an adapter directory use mllm_mod.load_mod(base_model, dir))"
         )
-    architectures = raw.get("architectures") or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
-        raise ValueError(f"{directory!s}/config.json names no transformers architecture ({architectures})")
+    cls = model_class(directory)
     key_mapping = {r"\.base_layer\.": "."}
-    log = logging.getLogger("transformers.modeling_utils")
-    level = log.level
-    log.setLevel(logging.ERROR)  # the router keys are reported as unexpected: we load them below
+    # the router keys are reported as unexpected (we load them below); with the loader's logger raised,
+    # transformers also checks its tensor-parallel plan and warns about it: quiet both during the load
+    logs = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         model = cls.from_pretrained(directory, key_mapping=key_mapping, **hf_kwargs)
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
     config = MoDConfig.from_dict(getattr(model.config, CONFIG_KEY))
     delattr(model.config, CONFIG_KEY)
     retrofit(model, config)
     load_mod_state_dict(model, _router_tensors(directory))
     return model
+
+
+def model_class(directory: str | os.PathLike) -> type:
+    """The model class a checkpoint's `config.json` names: a transformers class, or one registered with an
+    Auto class (mllm-mod's own streaming model, whose registration is imported on demand)."""
+    with open(os.path.join(directory, "config.json")) as f:
+        architectures = json.load(f).get("architectures") or []
+    name = architectures[0] if architectures else None
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None and name:
+        from . import streaming  # noqa: F401  (registers model_type "mllm_mod_stream" with the Auto classes)
+
+        config = transformers.AutoConfig.from_pretrained(directory)
+        autos = (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM, transformers.AutoModel)
+        found = [auto._model_mapping[type(config)] for auto in autos if type(config) in auto._model_mapping]
+        cls = next((c for c in found if c.__name__ == name), None)
+    if cls is None:
+        raise ValueError(f"{directory!s}/config.json names no known architecture ({architectures})")
+    return cls
 
 
 def _router_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ import argparse
 import json
 import time
 
+import pytest
+
 from mllm_mod.eval.report import ModelResult, write_report
 from mllm_mod.eval.suites import MIRROR_PREFIX, SUITES, check, leaf_tasks, write_mirror_tasks
 
@@ -156,3 +158,19 @@ def test_synthetic_suite_report_mod_vs_dense_vs_fastv(tmp_path, monkeypatch):
     text = (out / "report.md").read_text()
     assert all(f"| {name} |" in text for name in models)
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_presets_and_checkpoints_side_by_side():
+    """gmod beside pmod and dense in one report: the model variants `mllm-mod eval` asks lmms-eval for."""
+    from mllm_mod.cli import build_parser
+    from mllm_mod.commands.eval import specs_from_args
+
+    argv = ["eval", "ckpt/gmod", "--suite", "synthetic", "--out", "r", "--compare", "dense", "--compare", "pmod"]
+    args = build_parser().parse_args([*argv, "--compare", "fastv", "--compare-checkpoint", "ckpt/pmod_ft"])
+    specs = {spec.name: spec.model_args for spec in specs_from_args(args)}
+    assert list(specs) == ["gmod", "dense", "pmod", "fastv", "pmod_ft"]
+    assert specs["dense"]["dense"] is True and specs["pmod"]["preset"] == "pmod" and "keep_ratio" not in specs["pmod"]
+    assert specs["fastv"]["keep_ratio"] == 0.5 and specs["pmod_ft"]["pretrained"] == "ckpt/pmod_ft"
+    clash = build_parser().parse_args([*argv[:6], "--compare-checkpoint", "other/gmod"])
+    with pytest.raises(ValueError, match="share a name"):
+        specs_from_args(clash)

@@ -64,15 +64,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu", **kwargs: Any):
     """A model directory: a full MoD checkpoint (via mllm_mod.from_pretrained) or a stock one."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from ..retrofit import CONFIG_KEY, from_pretrained
+    from ..retrofit import CONFIG_KEY, from_pretrained, model_class
 
     with open(os.path.join(path, "config.json")) as f:
         is_mod = CONFIG_KEY in json.load(f)
-    load = from_pretrained if is_mod else AutoModelForImageTextToText.from_pretrained
-    if not is_mod:
-        AutoConfig.from_pretrained(path)  # a clear error for a directory transformers cannot read
+    load = from_pretrained if is_mod else model_class(path).from_pretrained
     return load(path, dtype=getattr(torch, dtype), **kwargs).to(device).eval()
 
 

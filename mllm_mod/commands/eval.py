@@ -4,6 +4,7 @@ variant (the checkpoint, and what `--compare` asks for), one report (results.jso
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -12,8 +13,9 @@ from ..eval.baselines import BASELINES
 from ..eval.suites import SUITES
 from ..eval.synthetic import SYNTHETIC_SUITES
 
-SUITE_CHOICES = (*SYNTHETIC_SUITES, *SUITES)
-COMPARE_CHOICES = ("dense", *BASELINES)
+STREAMING = "streaming"  # VideoLLM-online's metrics on a streaming JSON (not an lmms-eval suite)
+SUITE_CHOICES = (*SYNTHETIC_SUITES, *SUITES, STREAMING)
+COMPARE_CHOICES = ("dense", *sorted(PRESETS), *BASELINES)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--compare", choices=COMPARE_CHOICES, action="append", default=[],
-        help="also evaluate the same weights dense, or with a baseline at the same --prune-layer/--keep-ratio (repeatable)",
+        help="also evaluate the same weights dense, retrofitted with a MoD preset, or with a baseline at the same "
+        "--prune-layer/--keep-ratio (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-checkpoint", action="append", default=[], metavar="DIR",
+        help="also evaluate another checkpoint (e.g. a gmod and a pmod fine-tune side by side; repeatable)",
     )  # fmt: skip
     p.add_argument(
         "--prune-layer", type=int, default=2, help="baselines: layers from K on see the kept vision tokens only"
@@ -44,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--attn-implementation", default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None, help="frames sampled from each clip of a video task")
+    p.add_argument("--data", help=f"--suite {STREAMING}: a streaming JSON (videos with timed turns)")
+    p.add_argument("--video-folder", help=f"--suite {STREAMING}: folder of the JSON's relative video paths")
+    p.add_argument("--threshold", type=float, default=0.5, help=f"--suite {STREAMING}: reply when P(silence) < this")
     p.set_defaults(func=run_eval)
 
 
@@ -69,12 +79,44 @@ def specs_from_args(args: argparse.Namespace) -> list:
         if other == "dense":
             specs.append(ModelSpec("dense", {**common, "dense": True}))
         elif other != args.preset:
-            specs.append(ModelSpec(other, {**common, "preset": other, **budget}))
+            specs.append(ModelSpec(other, {**common, "preset": other, **(budget if other in BASELINES else {})}))
+    for path in args.compare_checkpoint:
+        specs.append(ModelSpec(os.path.basename(os.path.normpath(path)), {**common, "pretrained": path}))
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two model variants share a name in {names}; rename a checkpoint directory")
     return specs
+
+
+def run_streaming(args: argparse.Namespace) -> int:
+    """LM-PPL, LM-Correctness, TimeDiff and Fluency of each streaming checkpoint, one table."""
+    from ..streaming import evaluate_streaming, load_records, load_stream_model
+
+    if not args.data:
+        raise ValueError(f"--suite {STREAMING} needs --data (a streaming JSON)")
+    records = load_records(args.data, args.video_folder)[: int(args.limit) if args.limit else None]
+    results = {}
+    for path in [args.checkpoint, *args.compare_checkpoint]:
+        model, tokenizer = load_stream_model(path)
+        results[os.path.basename(os.path.normpath(path))] = evaluate_streaming(model, records, tokenizer, args.threshold)
+    keys = ("lm_ppl", "lm_correctness", "time_diff", "fluency")
+    lines = ["| model | LM-PPL | LM-Correctness | TimeDiff (s) | Fluency | turns |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + f" | {r['num_turns']} |" for name, r in results.items()]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"suite": STREAMING, "data": args.data, "models": results}, f, indent=2)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {args.out}/results.json, report.md")
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..eval.runner import SuiteUnavailable, run_suite
+
+    if args.suite == STREAMING:
+        return run_streaming(args)
 
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:

@@ -1,0 +1,71 @@
+"""A tiny random-weight streaming model and its tokenizer, for tests, the demo and offline runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers import PreTrainedTokenizerBase, SiglipVisionConfig
+
+from ..tiny import build_tokenizer, tiny_text_config
+from .model import StreamConfig, StreamForCausalLM
+
+FRAME_TOKEN, SILENCE_TOKEN = "<frame>", "<silence>"
+# the words of the synthetic narration (mllm_mod.streaming.synthetic) beyond the tiny base vocabulary
+STREAM_WORDS = ("appears", "disappears", "moves", "up", "down", "narrate", "shapes", "events", "where", "it")
+
+
+def add_stream_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """Add the frame placeholder and the silence token (as special tokens); returns their ids.
+    A real decoder then needs ``model.resize_token_embeddings(len(tokenizer))``."""
+    tokenizer.add_tokens([FRAME_TOKEN, SILENCE_TOKEN], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(FRAME_TOKEN), tokenizer.convert_tokens_to_ids(SILENCE_TOKEN)
+
+
+def tiny_stream_model(
+    num_layers: int = 4,
+    hidden_size: int = 32,
+    attn: str = "sdpa",
+    decoder: str = "llama",
+    image_size: int = 32,
+    patch_size: int = 8,
+    frame_grid: int = 3,
+    fps: float = 2.0,
+    frame_loss_weight: float = 1.0,
+    words: Iterable[str] = STREAM_WORDS,
+    seed: int = 0,
+) -> tuple[StreamForCausalLM, PreTrainedTokenizerBase]:
+    """(model, tokenizer): a SigLIP tower (2 layers) + MLP + a Llama or Qwen2 decoder, random weights."""
+    tokenizer = build_tokenizer(words)
+    frame_id, silence_id = add_stream_tokens(tokenizer)
+    text = tiny_text_config(
+        "llava", len(tokenizer), num_layers, attn, decoder, hidden_size=hidden_size, intermediate_size=2 * hidden_size
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,  # the attention-pooling head is not used: frames are pooled by the model
+        attn_implementation=attn,
+    )
+    config = StreamConfig(
+        vision_config=vision,
+        text_config=text,
+        frame_token_id=frame_id,
+        silence_token_id=silence_id,
+        frame_grid=frame_grid,
+        fps=fps,
+        frame_loss_weight=frame_loss_weight,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = StreamForCausalLM._from_config(config, attn_implementation=attn).eval()
+    actual = model.config.get_text_config(decoder=True)._attn_implementation
+    if actual != attn:
+        raise RuntimeError(f"asked for {attn!r} attention, the decoder runs {actual!r}")
+    return model, tokenizer
