@@ -124,7 +124,12 @@ def answer_accuracy(model, processor, records: list[dict[str, Any]], image_folde
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = None) -> int:
+# MoD settings for the demo's 4-layer model: gamma-MoD's default placement (all but the first three and
+# the last layer) would leave nothing to route at this depth, so every layer after the first routes
+DEMO_PRESET_SETTINGS: dict[str, dict[str, Any]] = {"gmod": {"skip_layers": None, "layers": [1, 2, 3]}}
+
+
+def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = None, preset: str = "pmod") -> int:
     from .data import synth
     from .train import load_config, train
 
@@ -174,11 +179,11 @@ def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = N
     ))
     log.timed("train dense", start)
 
-    print("\n== 5. retrofit p-MoD onto the trained model and fine-tune (vision tower frozen, routers at their own lr)")
+    print(f"\n== 5. retrofit {preset} onto the trained model and fine-tune (vision tower frozen, routers at their own lr)")
     start = time.perf_counter()
     mod = train(load_config(
-        model=dense_dir, output_dir=mod_dir, preset="pmod", epochs=settings.mod_epochs, lr=settings.mod_lr,
-        router_lr=settings.router_lr, **common,
+        model=dense_dir, output_dir=mod_dir, preset=preset, epochs=settings.mod_epochs, lr=settings.mod_lr,
+        router_lr=settings.router_lr, mod=DEMO_PRESET_SETTINGS.get(preset, {}), **common,
     ))
     log.timed("train MoD", start)
 
@@ -200,7 +205,7 @@ def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = N
     _, batch = next(prompt_batches(processor, test, data_dir, batch_size=32))
     report = efficiency(mod_model, batch)
 
-    rows = [("family", "chance", "dense acc", "MoD acc")]
+    rows = [("family", "chance", "dense acc", f"MoD ({preset}) acc")]
     for family, acc in acc_dense.items():
         chance = meta["families"][family]["chance"]
         results["families"][family] = {"chance": chance, "dense": acc, "mod": acc_mod[family]}
@@ -218,7 +223,7 @@ def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = N
     print(table)
     log.timed("total", begin)
     results.update(
-        mean=mean, mean_chance=mean_chance, tflops_ratio=report.tflops_ratio, kv_ratio=report.kv_ratio,
+        preset=preset, mean=mean, mean_chance=mean_chance, tflops_ratio=report.tflops_ratio, kv_ratio=report.kv_ratio,
         layer_ratios=layer_ratios(mod_model), seconds=log.seconds, table=table,
     )
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -18,18 +18,23 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_demo_pipeline_runs_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("preset", ["pmod", "gmod"])
+def test_demo_pipeline_runs_end_to_end(tmp_path, capsys, preset):
     settings = DemoSettings(n_samples=40, families=("color", "count"), dense_epochs=1.0, mod_epochs=1.0, batch_size=8, num_workers=0)
-    assert run(out=str(tmp_path), settings=settings) == 0
+    assert run(out=str(tmp_path), settings=settings, preset=preset) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["families"]) == {"color", "count"}
     assert results["families"]["color"]["chance"] == pytest.approx(1 / 6)
     assert 0 < results["tflops_ratio"] < 1 and 0 < results["kv_ratio"] < 1
-    assert results["layer_ratios"] == pytest.approx([1.0, 0.75, 0.25, 0.15])
+    expected = {"pmod": [1.0, 0.75, 0.25, 0.15], "gmod": [1.0, 0.5, 0.5, 0.5]}[preset]
+    assert results["layer_ratios"] == pytest.approx(expected) and results["preset"] == preset
     assert results["train"]["dense"]["global_step"] == 5 and results["train"]["mod"]["mod"]
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     out = capsys.readouterr().out
-    assert "| family | chance | dense acc | MoD acc |" in out and "max |logit difference|" in out
+    assert f"| family | chance | dense acc | MoD ({preset}) acc |" in out and "max |logit difference|" in out
+    logged = [json.loads(line) for line in (tmp_path / "mod" / "train_log.jsonl").read_text().splitlines()]
+    # gamma-MoD's routing loss is added by the trainer and logged beside the LM loss; p-MoD has none
+    assert any("routing_loss" in row for row in logged) == (preset == "gmod")
 
 
 @pytest.mark.slow

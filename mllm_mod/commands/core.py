@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="the embedded end-to-end demo (tiny model, no downloads)")
     p.add_argument("--out", default="runs/demo", help="where plots and results go")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="pmod", choices=sorted(PRESETS), help="the MoD recipe to retrofit and fine-tune")
     p.set_defaults(func=run_demo)
 
 
@@ -218,4 +219,4 @@ def _markdown(rows: list[tuple[str, ...]]) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     from ..demo import run
 
-    return run(out=args.out, seed=args.seed)
+    return run(out=args.out, seed=args.seed, preset=args.preset)
