@@ -38,7 +38,7 @@ def train_on_color(model, processor, steps: int, batch: int, seed: int = 1000) -
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 @pytest.mark.slow
