@@ -30,6 +30,16 @@ def make_inputs(processor, n: int = 3, seed: int = 0, padding_side: str = "left"
     return processor(images=make_images(seed)[:n], text=PROMPTS[:n], return_tensors="pt", padding=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny steps: these tensors are too small to gain from intra-op threads, and on
+    a shared machine extra threads only oversubscribe the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def models_cache():
     return {}

@@ -27,14 +27,7 @@ from mllm_mod.train import (
 from mllm_mod.train.recipe import training_arguments
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are too small to gain from intra-op threads; on a shared machine extra threads
-    only oversubscribe the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
