@@ -20,6 +20,10 @@ COMMAND_MODULES = (
 )
 
 
+# optional dependencies and the extra that installs them
+OPTIONAL_EXTRAS = ((("lmms_eval", "lmms-eval"), "eval"), (("deepspeed",), "train"), (("decord", "'av'"), "video"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm-mod", description="Mixture-of-Depths for multimodal LLMs")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
@@ -35,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:  # an optional dependency (also importlib.metadata.PackageNotFoundError)
+        extra = next((e for names, e in OPTIONAL_EXTRAS if any(n in str(err) for n in names)), None)
+        if extra is None or args.verbose >= 2:
+            raise
+        print(f"mllm-mod {args.command}: error: {err}; install it with: pip install 'mllm-mod[{extra}]'", file=sys.stderr)
+        return 2
     except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
         if args.verbose >= 2:
             raise

@@ -108,3 +108,14 @@ def test_arank_then_retrofit_from_the_report(tiny_dir, capsys):
     assert main([*args, "--samples", "1"]) == 2
     err = capsys.readouterr().err
     assert "s0" in err and "0.png" in err
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    import mllm_mod.commands.eval as eval_command
+
+    def missing(args):
+        raise ModuleNotFoundError("No module named 'lmms_eval'")
+
+    monkeypatch.setattr(eval_command, "run_eval", missing)
+    assert main(["eval", "ckpt", "--suite", "synthetic", "--out", "r"]) == 2
+    assert "install it with: pip install 'mllm-mod[eval]'" in capsys.readouterr().err
