@@ -42,7 +42,7 @@ def llava_next():
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    """Pictures of three sizes, a corrupt picture, a clip, a corrupt clip."""
+    """Pictures of three sizes, a corrupt picture, a clip, a corrupt clip, a clip with no frames."""
     root = tmp_path_factory.mktemp("media")
     rng = np.random.default_rng(0)
     for name, (h, w) in {"a.png": (30, 30), "b.png": (40, 70), "c.png": (70, 35)}.items():
@@ -51,6 +51,7 @@ def media(tmp_path_factory):
     frames = [np.full((30, 30, 3), 20 * t, dtype=np.uint8) for t in range(12)]
     write_video(root / "clip.mp4", frames, fps=4)
     (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    write_video(root / "noframes.mp4", [], fps=4, size=(30, 30))  # a valid mp4 whose track is empty
     return root
 
 
@@ -247,6 +248,7 @@ BAD = [
     ("corrupt image", sample("c1", [("<image>\nq ?", "a")], image="corrupt.png"), "corrupt.png", "corrupt image"),
     ("missing video", sample("m2", [("<video>\nq ?", "a")], video="nope.mp4"), "nope.mp4", "video file not found"),
     ("corrupt video", sample("c2", [("<video>\nq ?", "a")], video="corrupt.mp4"), "corrupt.mp4", "corrupt video"),
+    ("zero frames", sample("z1", [("<video>\nq ?", "a")], video="noframes.mp4"), "noframes.mp4", "no frames"),
     ("placeholders", sample("p1", [("<image> <image>\nq ?", "a")], image="a.png"), "a.png", r"more <image> placeholders \(2\) than images \(1\)"),
     ("empty", {"id": "e1", "conversations": [], "image": "a.png"}, "data.json", "empty conversation"),
 ]

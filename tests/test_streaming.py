@@ -103,6 +103,11 @@ def test_bad_videos_and_turns_raise_naming_the_file(tmp_path, stream_data, tiny)
         read_frames(empty, 2.0)
     from mllm_mod.data.synth import write_video
 
+    no_frames = tmp_path / "noframes.mp4"
+    write_video(no_frames, [], fps=2, size=(32, 32))  # a valid container whose video track is empty
+    with pytest.raises(ValueError, match=r"noframes.mp4: no frames"):
+        read_frames(no_frames, 2.0)
+
     slow = tmp_path / "slow.mp4"
     write_video(slow, np.zeros((4, 32, 32, 3), dtype=np.uint8), fps=1)
     with pytest.raises(ValueError, match=r"slow.mp4 has 1 fps, below the requested 2 fps"):

@@ -72,10 +72,19 @@ def load_video(
     except DataError:
         raise
     except Exception as err:  # decord and PyAV raise their own error types for undecodable files
-        raise DataError(sample_id, path, f"corrupt video ({type(err).__name__}: {err})") from err
+        raise DataError(sample_id, path, video_error_reason(err)) from err
     if len(frames) == 0:
         raise DataError(sample_id, path, "corrupt video (no frames decoded)")
     return frames
+
+
+def video_error_reason(err: Exception) -> str:
+    """Why a decoder refused a file, in words: a container whose video track holds no frames is
+    reported by decord and PyAV as a missing stream; anything else is a corrupt file."""
+    text = str(err)
+    if "cannot find video stream" in text or isinstance(err, IndexError):
+        return "no frames (the file has no decodable video stream)"
+    return f"corrupt video ({type(err).__name__}: {text.strip()[-200:]})"
 
 
 def _read_decord(path: str, num_frames: int, fps: float | None) -> np.ndarray:

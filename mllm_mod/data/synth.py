@@ -306,16 +306,29 @@ def sample_record(family: Family, index: int, sample: Sample, media_path: str) -
     }
 
 
-def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: int = 4, codec: str = "libx264") -> None:
-    """Write [H, W, 3] uint8 frames as an mp4 with PyAV (H and W must be even for yuv420p)."""
+def write_video(
+    path: str | os.PathLike,
+    frames: Sequence[np.ndarray],
+    fps: int = 4,
+    codec: str = "libx264",
+    size: tuple[int, int] | None = None,
+) -> None:
+    """Write [H, W, 3] uint8 frames as an mp4 with PyAV (H and W must be even for yuv420p).
+
+    With no frames (and `size` = (H, W) given) the file is a valid mp4 whose video track holds no
+    samples: what a recorder that stopped at once leaves behind, and the zero-frame case of the tests.
+    """
     import av
 
-    height, width = frames[0].shape[:2]
+    if len(frames) == 0 and size is None:
+        raise ValueError("a video with no frames needs its size (H, W)")
+    height, width = size if size is not None else frames[0].shape[:2]
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": "10"}  # nearly lossless: colours survive
+        container.start_encoding()  # writes the header even when no frame follows
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mllm_mod.data.media import video_error_reason
+
 ROLES = ("user", "assistant")
 
 
@@ -118,7 +120,7 @@ def read_frames(path: str | os.PathLike, fps: float) -> tuple[np.ndarray, np.nda
         reader = decord.VideoReader(path, num_threads=1)
         n, native = len(reader), float(reader.get_avg_fps())
     except Exception as err:  # decord raises its own DECORDError (and RuntimeError) for bad files
-        raise ValueError(f"video {path} could not be decoded ({type(err).__name__}: {err})") from err
+        raise ValueError(f"video {path}: {video_error_reason(err)}") from err
     if n == 0:
         raise ValueError(f"video {path} has no frames")
     if not native > 0:
@@ -131,7 +133,7 @@ def read_frames(path: str | os.PathLike, fps: float) -> tuple[np.ndarray, np.nda
     try:
         frames = reader.get_batch(list(indices)).asnumpy()  # [F, H, W, 3]
     except Exception as err:
-        raise ValueError(f"video {path} could not be decoded ({type(err).__name__}: {err})") from err
+        raise ValueError(f"video {path}: {video_error_reason(err)}") from err
     return frames, times
 
 
