@@ -119,3 +119,21 @@ def test_accounting_matches_flop_counter_for_gmod_threshold_routing():
     )
     assert measured == cost.decoder_flops
     assert report.mod_tflops[0] == cost.tflops
+
+
+def test_gqa_1b_shape_kv_bytes_count_key_value_heads_only():
+    """TinyLlama-1.1B (32 query heads, 4 key-value heads): the cache holds 4 heads of 64 per layer."""
+    ref = REFERENCE_SHAPES["tinyllava-1b"]
+    with torch.device("meta"):
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration(ref.config())
+    mllm_mod.retrofit(model, "pmod")
+    ratios = mllm_mod.layer_ratios(model)
+    assert ratios[:6] == [1.0] * 6 and len(ratios) == 22 and min(ratios) == pytest.approx(0.15)
+    shape = DecoderShape.from_config(model.config.text_config)
+    tokens = ref.n_text + ref.n_vision
+    dense = prefill_cost(shape, [1.0] * 22, ref.n_text, ref.n_vision, 4)
+    assert dense.kv_bytes == 22 * tokens * 2 * 4 * 64 * 4  # layers x tokens x (K, V) x heads x dim x fp32
+    mod = prefill_cost(shape, ratios, ref.n_text, ref.n_vision, 4)
+    assert mod.kv_bytes == sum(mod.kv_entries_per_layer) * 2 * 4 * 64 * 4
