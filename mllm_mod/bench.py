@@ -44,6 +44,7 @@ class BenchOptions:
     warmup: int = 3
     repeats: int = 10
     sections: tuple[str, ...] = ("correctness", "prefill", "train", "decode", "kv")
+    compile: bool = False  # torch.compile the stock decoder layers (dense and MoD alike; see mllm_mod.compiled)
 
 
 @dataclass
@@ -114,6 +115,10 @@ def build_model(options: BenchOptions) -> tuple[nn.Module, int]:
         for name, p in model.named_parameters():
             if ".router." in name or "shared_router" in name:
                 p.copy_(torch.randn(p.shape, generator=gen).to(p) * 0.02)
+    if options.compile:  # after retrofit: the stock layers inside the MoD layers are compiled too
+        from .compiled import compile_layers
+
+        compile_layers(model)
     return model, options.n_vision or n_vision
 
 
@@ -315,7 +320,7 @@ def markdown(results: BenchResults) -> str:
     o = results.options
     lines = [
         f"**{o['shape']}**, preset `{o['preset']}`, {o['n_vision']} vision + {o['n_text']} text tokens, "
-        f"{o['dtype']}, on {results.device_name}",
+        f"{o['dtype']}, {'stock layers compiled (torch.compile), ' if o.get('compile') else ''}on {results.device_name}",
         "",
         "| measurement | dense | MoD | ideal | MoD / dense | ideal / dense | MoD / ideal |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sections", default="correctness,prefill,train,decode,kv")
+    p.add_argument("--compile", action="store_true", help="torch.compile the stock decoder layers of dense and MoD alike")
     p.add_argument("--out", help="directory for results.json, benchmarks.md and benchmarks.png")
     p.set_defaults(func=run_bench)
 
@@ -46,6 +47,7 @@ def run_bench(args: argparse.Namespace) -> int:
             shape=shape, preset=args.preset, device=args.device, dtype=args.dtype, n_text=args.n_text,
             prefill_batches=args.prefill_batches, train_batch=args.train_batch, decode_batches=args.decode_batches,
             new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats, sections=tuple(args.sections.split(",")),
+            compile=args.compile,
         )
         results.append(run_benchmark(options))
         print(markdown(results[-1]) + "\n")
