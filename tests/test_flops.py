@@ -56,16 +56,21 @@ def test_efficiency_report_matches_cache_and_accounting():
     assert "measured = accounting: yes" in report.table()
 
 
-def test_llava15_7b_shape_matches_design():
-    ref = REFERENCE_SHAPES["llava-1.5-7b"]
-    with torch.device("meta"):
-        from transformers import LlavaForConditionalGeneration
+def meta_pmod(name: str):
+    """A reference shape built on the meta device (no weights), retrofitted with p-MoD: its shape
+    description, layer ratios and decoder shape."""
+    from transformers import LlavaForConditionalGeneration
 
+    ref = REFERENCE_SHAPES[name]
+    with torch.device("meta"):
         model = LlavaForConditionalGeneration(ref.config())
     mllm_mod.retrofit(model, "pmod")
-    ratios = mllm_mod.layer_ratios(model)
+    return ref, mllm_mod.layer_ratios(model), DecoderShape.from_config(model.config.text_config)
+
+
+def test_llava15_7b_shape_matches_design():
+    ref, ratios, shape = meta_pmod("llava-1.5-7b")
     assert sum(ratios) / 32 == pytest.approx(0.5375, abs=1e-4)  # vision KV fraction for PRD
-    shape = DecoderShape.from_config(model.config.text_config)
     dense = prefill_cost(shape, [1.0] * 32, ref.n_text, ref.n_vision)
     mod = prefill_cost(shape, ratios, ref.n_text, ref.n_vision)
     vision_kv = (sum(mod.kv_entries_per_layer) - 32 * ref.n_text) / (32 * ref.n_vision)
@@ -123,15 +128,8 @@ def test_accounting_matches_flop_counter_for_gmod_threshold_routing():
 
 def test_gqa_1b_shape_kv_bytes_count_key_value_heads_only():
     """TinyLlama-1.1B (32 query heads, 4 key-value heads): the cache holds 4 heads of 64 per layer."""
-    ref = REFERENCE_SHAPES["tinyllava-1b"]
-    with torch.device("meta"):
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration(ref.config())
-    mllm_mod.retrofit(model, "pmod")
-    ratios = mllm_mod.layer_ratios(model)
+    ref, ratios, shape = meta_pmod("tinyllava-1b")
     assert ratios[:6] == [1.0] * 6 and len(ratios) == 22 and min(ratios) == pytest.approx(0.15)
-    shape = DecoderShape.from_config(model.config.text_config)
     tokens = ref.n_text + ref.n_vision
     dense = prefill_cost(shape, [1.0] * 22, ref.n_text, ref.n_vision, 4)
     assert dense.kv_bytes == 22 * tokens * 2 * 4 * 64 * 4  # layers x tokens x (K, V) x heads x dim x fp32
