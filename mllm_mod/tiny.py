@@ -121,6 +121,13 @@ def tiny_model(
     pinpoints = [[image_size, image_size * 2], [image_size * 2, image_size], [image_size * 2, image_size * 2]]
     crop = {"height": image_size, "width": image_size}
     norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    clip_processor = dict(  # what the processors of the CLIP-tower families share (CLS token dropped)
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
     if family == "llava":
         config = tf.LlavaConfig(
             vision_config=tf.CLIPVisionConfig(**vision),
@@ -131,14 +138,7 @@ def tiny_model(
         )
         model_cls = tf.LlavaForConditionalGeneration
         image_processor = tf.CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop, **norm)
-        processor = tf.LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=CHAT_TEMPLATE,
-        )
+        processor = tf.LlavaProcessor(image_processor=image_processor, **clip_processor)
     elif family in ("llava_next", "llava_next_video"):
         common = dict(
             vision_config=tf.CLIPVisionConfig(**vision),
@@ -150,14 +150,7 @@ def tiny_model(
         image_processor = tf.LlavaNextImageProcessor(
             size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=pinpoints, **norm
         )
-        parts = dict(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=CHAT_TEMPLATE,
-        )
+        parts = dict(image_processor=image_processor, **clip_processor)
         if family == "llava_next":
             config = tf.LlavaNextConfig(**common)
             model_cls = tf.LlavaNextForConditionalGeneration

@@ -174,6 +174,15 @@ def test_chat_class_matches_reference(setup):
     assert [samples[i]["filtered_resps"][0].strip() for i in range(N_DOCS)] == setup["expected"]["generations"]
 
 
+def run_lmms_eval(args: list[str], out, env: dict[str, str], timeout: int) -> dict:
+    """Run an lmms-eval command line; it must exit 0 and write one results file under `out`."""
+    proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
 def test_cli_matches_reference(setup, tmp_path):
     """The stock `python -m lmms_eval` CLI finds the plugin through the entry point; `--force_simple`
     picks the simple class, which serves multiple choice. DEBUG verbosity is required for a failure to
@@ -185,11 +194,7 @@ def test_cli_matches_reference(setup, tmp_path):
         "--tasks", "mllm_mod_color,mllm_mod_color_mc", "--include_path", setup["tasks"],
         "--batch_size", "3", "--output_path", str(out), "--verbosity", "DEBUG",
     ]  # fmt: skip
-    proc = subprocess.run(args, check=False, capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
-    with open(path) as f:
-        results = json.load(f)["results"]
+    results = run_lmms_eval(args, out, {**os.environ, **OFFLINE}, timeout=600)
     assert results["mllm_mod_color"]["exact_match,none"] == 0.5
     assert results["mllm_mod_color_mc"]["acc,none"] == 0.5
     with open(tmp_path / "eff.json") as f:
@@ -414,15 +419,11 @@ def test_two_process_launch(setup, tmp_path):
         "--batch_size", "2", "--output_path", str(out), "--verbosity", "DEBUG",
     ]  # fmt: skip
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
-    with open(path) as f:
-        results = json.load(f)["results"]
+    results = run_lmms_eval(args, out, env, timeout=900)
     assert results["mllm_mod_color"]["exact_match,none"] == 0.5
     assert results["mllm_mod_color_mc"]["acc,none"] == 0.5
     written = sorted(p.name for p in tmp_path.glob("eff*.json"))
-    assert written == ["eff.rank0.json", "eff.rank1.json"], (written, proc.stdout[-2000:])
+    assert written == ["eff.rank0.json", "eff.rank1.json"], written
     samples = []
     for rank in (0, 1):
         with open(tmp_path / f"eff.rank{rank}.json") as f:

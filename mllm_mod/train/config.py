@@ -22,12 +22,15 @@ from typing import Any
 
 import yaml
 
+from ..data.dataset import DataOptions
+
 REQUIRED = ("model", "data", "output_dir")
 
 
 @dataclass
-class TrainConfig:
-    """A fine-tuning run.
+class TrainConfig(DataOptions):
+    """A fine-tuning run: the data options of `DataOptions` (image and video folders, max_length,
+    frame sampling, bad-sample handling) and the fields below.
 
     model: a stock transformers model directory, or a full MoD checkpoint (``save_pretrained`` of a
         retrofitted model, e.g. ``mllm-mod retrofit --full`` or an earlier run's output).
@@ -38,14 +41,12 @@ class TrainConfig:
     router_lr: learning rate of the routers (None: ``lr``).
     deepspeed: ``zero2``, ``zero3`` (the shipped configs) or a path to a DeepSpeed JSON config.
     resume: ``last`` (the newest checkpoint in ``output_dir``) or a checkpoint directory.
-    max_length: tokens per sample after vision-token expansion; truncation never splits an image.
+    progress: progress bars (on the main process only).
     """
 
     model: str = ""
     data: str = ""
     output_dir: str = ""
-    image_folder: str | None = None
-    video_folder: str | None = None
     preset: str | None = None
     mod: dict[str, Any] = field(default_factory=dict)
     freeze_vision_tower: bool = True
@@ -60,12 +61,6 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    max_length: int = 2048
-    num_frames: int = 8
-    fps: float | None = None
-    video_backend: str = "decord"
-    skip_bad_samples: bool = False
-    verify_media: bool = False
     bf16: bool | None = None
     gradient_checkpointing: bool = True
     deepspeed: str | None = None
@@ -90,6 +85,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.router_lr is not None and self.router_lr < 0:
             raise ValueError(f"router_lr must be >= 0, got {self.router_lr}")
+
+    def data_options(self, main_process: bool = True) -> DataOptions:
+        """The dataset's options: this run's data fields, progress bars on the main process only."""
+        options = DataOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataOptions)})
+        options.progress = self.progress and main_process
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -151,7 +151,7 @@ def train(config: TrainConfig) -> TrainResult:
     MoD) and its processor go to ``config.output_dir``, with ``train_summary.json``."""
     from transformers import AutoProcessor
 
-    from ..data import Collator, ConversationDataset, DataOptions
+    from ..data import Collator, ConversationDataset
 
     config.validate()
     resume = resolve_resume(config.resume, config.output_dir)
@@ -159,17 +159,7 @@ def train(config: TrainConfig) -> TrainResult:
     processor = AutoProcessor.from_pretrained(config.model)
     model = load_model(config, args.bf16)
     trainable = set_trainable(model, config.freeze_vision_tower, config.routers_only)
-    options = DataOptions(
-        image_folder=config.image_folder,
-        video_folder=config.video_folder,
-        max_length=config.max_length,
-        num_frames=config.num_frames,
-        fps=config.fps,
-        video_backend=config.video_backend,
-        skip_bad_samples=config.skip_bad_samples,
-        verify_media=config.verify_media,
-        progress=config.progress and args.process_index == 0,
-    )
+    options = config.data_options(main_process=args.process_index == 0)
     dataset = ConversationDataset(config.data, processor, options)
     trainer = MoDTrainer(
         model=model,
