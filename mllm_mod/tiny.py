@@ -81,6 +81,13 @@ def tiny_text_config(family: str, vocab_size: int, num_layers: int, attn: str, d
     return classes[decoder](**common)
 
 
+def check_attention(model: torch.nn.Module, attn: str) -> None:
+    """Refuse a model whose decoder quietly fell back to another attention backend than `attn`."""
+    actual = model.config.get_text_config(decoder=True)._attn_implementation
+    if actual != attn:
+        raise RuntimeError(f"asked for {attn!r} attention, the decoder runs {actual!r}")
+
+
 def tiny_model(
     family: str = "llava",
     num_layers: int = 4,
@@ -187,7 +194,5 @@ def tiny_model(
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     model = model_cls._from_config(config, attn_implementation=attn).to(device).eval()
-    actual = model.config.get_text_config(decoder=True)._attn_implementation
-    if actual != attn:
-        raise RuntimeError(f"asked for {attn!r} attention, the decoder runs {actual!r}")
+    check_attention(model, attn)
     return model, processor

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from transformers import PreTrainedTokenizerBase, SiglipVisionConfig
 
-from ..tiny import build_tokenizer, tiny_text_config
+from ..tiny import build_tokenizer, check_attention, tiny_text_config
 from .model import StreamConfig, StreamForCausalLM
 
 FRAME_TOKEN, SILENCE_TOKEN = "<frame>", "<silence>"
@@ -65,7 +65,5 @@ def tiny_stream_model(
     )
     torch.manual_seed(seed)
     model = StreamForCausalLM._from_config(config, attn_implementation=attn).eval()
-    actual = model.config.get_text_config(decoder=True)._attn_implementation
-    if actual != attn:
-        raise RuntimeError(f"asked for {attn!r} attention, the decoder runs {actual!r}")
+    check_attention(model, attn)
     return model, tokenizer
