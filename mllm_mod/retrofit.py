@@ -135,6 +135,11 @@ def retrofit(
         shared = build_router(config, text.hidden_size, device=next(decoder.parameters()).device)
         decoder.add_module(SHARED_ROUTER, shared.train(decoder.training))
     rotary = getattr(decoder, "rotary_emb", None)
+    if any(getattr(layers[idx], "_compiled_call_impl", None) is not None for idx in chosen):
+        logger.warning(
+            "retrofit: these decoder layers were compiled; a MoD layer runs its stock parts through its own "
+            "`block`, which runs eager. Call mllm_mod.compiled.compile_layers(model) after retrofit."
+        )
     for idx, ratio in chosen.items():
         mod = MoDLayer(layers[idx], idx, ratio, config, text.hidden_size, shared_router=shared, rotary=rotary)
         layers[idx] = mod.train(layers[idx].training)  # new modules start in train mode; follow the model

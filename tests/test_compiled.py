@@ -106,3 +106,12 @@ def test_bench_compile_flag_compiles_dense_and_mod_alike(one_thread):
     assert res.kv["mod_measured_bytes"] == res.kv["mod_accounted_bytes"]
     assert res.prefill[0]["mod_ms"] > 0 and res.prefill[0]["dense_ms"] > 0
     assert "stock layers compiled (torch.compile)" in markdown(res)
+
+
+def test_retrofit_after_compiling_warns_to_compile_after(caplog):
+    torch.manual_seed(0)
+    model, _ = tiny_model("llava", num_layers=4)
+    compile_layers(model)  # a dense model: only marks the layers, nothing is compiled until called
+    with caplog.at_level("WARNING", logger="mllm_mod.retrofit"):
+        mllm_mod.retrofit(model, "pmod")
+    assert "compile_layers(model) after retrofit" in caplog.text
