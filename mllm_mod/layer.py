@@ -159,14 +159,15 @@ class MoDLayer(nn.Module):
         prefix = (vision.cumsum(dim=1) == 0) & vision.any(dim=1, keepdim=True) & token_mask if past == 0 else False
         return vision | prefix
 
-    def kept_rows(self, keep: torch.Tensor, ctx: RoutingContext, token_mask: torch.Tensor, decoding: bool) -> torch.Tensor:
-        """Kept tokens per row ([B], CPU). For top-k over vision tokens the count is known ahead from the
-        forward's host-side counts (no device sync); other rules read it from the keep mask."""
+    def kept_rows(self, n_keep: torch.Tensor, ctx: RoutingContext, token_mask: torch.Tensor, decoding: bool) -> torch.Tensor:
+        """Kept tokens per row ([B], CPU) of the device counts `n_keep` [B]. For top-k over vision tokens
+        the count is known ahead from the forward's host-side counts (no device sync); other rules read
+        `n_keep` back."""
         cfg = self.mod_config
         if cfg.candidates == "vision" and cfg.selection == "topk" and not decoding and (self.training or cfg.inference == "topk"):
             n_vision = ctx.host_counts(token_mask)[0]  # [B]
-            return keep.shape[1] - n_vision + keep_count(n_vision, self.ratio)  # padding rows keep their padding
-        return keep.sum(dim=1).cpu()
+            return token_mask.shape[1] - n_vision + keep_count(n_vision, self.ratio)  # padding rows keep their padding
+        return n_keep.cpu()
 
     def select(self, weights: torch.Tensor, candidates: torch.Tensor, ctx: RoutingContext, decoding: bool) -> torch.Tensor:
         """Keep mask [B, T] from token weights [B, T]; non-candidates are always kept."""
@@ -243,11 +244,12 @@ class MoDLayer(nn.Module):
             keep = self.select(weights, candidates, ctx, decoding)  # [B, T]
             if ctx.records is not None:
                 ctx.records.append(RouterRecord(self.layer_idx, logits, weights, candidates, keep))
-            rows = self.kept_rows(keep, ctx, token_mask, decoding)  # [B] CPU
+            n_keep = keep.sum(dim=1)  # [B] on the device
+            rows = self.kept_rows(n_keep, ctx, token_mask, decoding)  # [B] CPU
             kept_len, uniform = int(rows.max()), bool((rows == rows[0]).all())
             # kept positions first, in original order; the tail of each row (filler slots) is masked
             order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kept_len]  # [B, Tk]
-            filled = torch.arange(kept_len, device=device)[None, :] < keep.sum(dim=1)[:, None]  # [B, Tk]
+            filled = torch.arange(kept_len, device=device)[None, :] < n_keep[:, None]  # [B, Tk]
         else:
             kept_len, uniform = length, True
             order = torch.arange(length, device=device).expand(batch, length)  # [B, T]
