@@ -94,20 +94,24 @@ def choose(rng: np.random.Generator, options: Sequence[str], k: int = 1) -> list
 
 
 # -- image families --------------------------------------------------------------------------------
-def make_color(rng: np.random.Generator, size: int) -> Sample:
+def one_object(rng: np.random.Generator, size: int, radius: tuple[float, float]) -> tuple[str, str, np.ndarray]:
+    """One object of a random colour and shape, of radius `radius` (a fraction range of the size),
+    placed at random: ``(color, shape, picture [H, W, 3])``."""
     (color,), (shape,) = choose(rng, list(COLORS)), choose(rng, SHAPES)
     image, draw = canvas(size)
-    r = size * rng.uniform(0.2, 0.3)
+    r = size * rng.uniform(*radius)
     draw_shape(draw, shape, color, *place(rng, size, r), r)
-    return Sample("what color is the object ?", color, [np.asarray(image)])
+    return color, shape, np.asarray(image)
+
+
+def make_color(rng: np.random.Generator, size: int) -> Sample:
+    color, _, image = one_object(rng, size, (0.2, 0.3))
+    return Sample("what color is the object ?", color, [image])
 
 
 def make_shape(rng: np.random.Generator, size: int) -> Sample:
-    (color,), (shape,) = choose(rng, list(COLORS)), choose(rng, SHAPES)
-    image, draw = canvas(size)
-    r = size * rng.uniform(0.25, 0.35)
-    draw_shape(draw, shape, color, *place(rng, size, r), r)
-    return Sample("what shape is the object ?", shape, [np.asarray(image)])
+    _, shape, image = one_object(rng, size, (0.25, 0.35))
+    return Sample("what shape is the object ?", shape, [image])
 
 
 def make_count(rng: np.random.Generator, size: int) -> Sample:
