@@ -265,9 +265,10 @@ def from_pretrained(directory: str | os.PathLike, **hf_kwargs: Any) -> nn.Module
     return model
 
 
-def model_class(directory: str | os.PathLike) -> type:
+def model_class(directory: str | os.PathLike, default: type | None = None) -> type:
     """The model class a checkpoint's `config.json` names: a transformers class, or one registered with an
-    Auto class (mllm-mod's own streaming model, whose registration is imported on demand)."""
+    Auto class (mllm-mod's own streaming model, whose registration is imported on demand); `default`
+    (e.g. an Auto class) where it names none that is known, else an error."""
     with open(os.path.join(directory, "config.json")) as f:
         architectures = json.load(f).get("architectures") or []
     name = architectures[0] if architectures else None
@@ -279,9 +280,9 @@ def model_class(directory: str | os.PathLike) -> type:
         autos = (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM, transformers.AutoModel)
         found = [auto._model_mapping[type(config)] for auto in autos if type(config) in auto._model_mapping]
         cls = next((c for c in found if c.__name__ == name), None)
-    if cls is None:
+    if cls is None and default is None:
         raise ValueError(f"{directory!s}/config.json names no known architecture ({architectures})")
-    return cls
+    return cls or default
 
 
 def _router_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

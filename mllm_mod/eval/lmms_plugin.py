@@ -109,7 +109,7 @@ def load_model(
     import transformers
 
     import mllm_mod
-    from mllm_mod.retrofit import CONFIG_KEY
+    from mllm_mod.retrofit import CONFIG_KEY, model_class
 
     from .baselines import apply_baseline
 
@@ -132,10 +132,8 @@ def load_model(
         if dense or baseline is not None:  # the checkpoint's own weights, without its MoD layers
             mllm_mod.unload(model)
     else:
-        config = transformers.AutoConfig.from_pretrained(pretrained)
-        architectures = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, architectures[0], None) if architectures else None
-        model = (cls or transformers.AutoModelForImageTextToText).from_pretrained(pretrained, **hf_kwargs)
+        cls = model_class(pretrained, default=transformers.AutoModelForImageTextToText)
+        model = cls.from_pretrained(pretrained, **hf_kwargs)
         if not dense and mod:
             mllm_mod.load_mod(model, mod)
         elif not dense and preset:
