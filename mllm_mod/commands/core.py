@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -176,35 +173,21 @@ def _meta_model(name: str):
 
 
 def _time_prefill(model, n_vision: int, n_text: int, batch_sizes: str, repeats: int, tqdm) -> list[dict[str, Any]]:
-    """Median prefill latency of the decoder, dense and MoD, on placeholder-token batches."""
-    from ..adapters import adapter_for
-    from ..efficiency import dense
+    """Median prefill ms per batch size, dense (the stock layers, same weights) and MoD, after one
+    warm-up run: the benchmark's placeholder batch and timer (`mllm_mod.bench`)."""
+    from ..bench import Timer, mode, placeholder_batch
 
-    device = next(model.parameters()).device
-    image_id = adapter_for(model).vision_token_ids(model.config)[0]
-    vocab = adapter_for(model).text_config(model.config).vocab_size
+    timer = Timer(next(model.parameters()).device, warmup=1, repeats=repeats)
     sizes = [int(b) for b in batch_sizes.split(",")]
     out = []
-    bar = tqdm(total=len(sizes) * 2 * (repeats + 1), desc="profiling prefill", unit="run")
+    bar = tqdm(total=len(sizes) * 2, desc="profiling prefill", unit="model")
     for b in sizes:
-        gen = torch.Generator().manual_seed(0)
-        text = torch.randint(10, min(vocab, 1000), (b, n_text), generator=gen)
-        ids = torch.cat([text[:, : n_text // 2], torch.full((b, n_vision), image_id), text[:, n_text // 2 :]], 1).to(device)
+        ids = placeholder_batch(model, b, n_vision, n_text)  # [B, T]
         row: dict[str, Any] = {"batch": b}
         for label in ("dense", "mod"):
-            times = []
-            for i in range(repeats + 1):  # the first run warms up
-                with torch.no_grad(), (dense(model) if label == "dense" else contextlib.nullcontext()):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    if i:
-                        times.append((time.perf_counter() - start) * 1e3)
-                bar.update()
-            row[f"{label}_ms"] = statistics.median(times)
+            with mode(model, label), torch.no_grad():
+                row[f"{label}_ms"] = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+            bar.update()
         out.append(row)
     bar.close()
     return out
