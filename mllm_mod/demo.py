@@ -22,6 +22,7 @@ import torch
 
 from . import layer_ratios, retrofit, unload
 from .efficiency import efficiency
+from .tables import markdown_table
 from .tiny import tiny_model
 
 DEMO_LAYERS = 8  # the equivalence and savings steps
@@ -218,7 +219,7 @@ def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = N
     rows.append(("train loss first -> last", "", _loss_range(dense), _loss_range(mod)))
     rows.append(("train wall time s", "", f"{log.seconds['train dense']:.0f}", f"{log.seconds['train MoD']:.0f}"))
     rows.append(("eval wall time s", "", f"{log.seconds['eval dense']:.1f}", f"{log.seconds['eval MoD']:.1f}"))
-    table = _markdown(rows)
+    table = markdown_table(rows)
     print(f"held-out split: {len(test)} samples; MoD keeps {report.tflops_ratio:.3f} of the TFLOPs, {report.kv_ratio:.3f} of the KV cache")
     print(table)
     log.timed("total", begin)
@@ -237,12 +238,6 @@ def _loss_range(result) -> str:
     if result.first_loss is None:
         return "not logged"
     return f"{result.first_loss:.2f} -> {result.last_loss:.2f}"
-
-
-def _markdown(rows: list[tuple[str, ...]]) -> str:
-    head, *body = rows
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
 def plot(results: dict[str, Any], dense_dir: str, mod_dir: str, path: str) -> None:

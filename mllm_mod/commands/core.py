@@ -11,6 +11,7 @@ import torch
 
 from ..config import PRESETS, MoDConfig, as_config
 from ..reference_shapes import REFERENCE_SHAPES
+from ..tables import markdown_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -148,7 +149,7 @@ def run_profile(args: argparse.Namespace) -> int:
             rows.append((f"samples/s, batch {b}", f"{b * 1e3 / t['dense_ms']:.1f}", f"{b * 1e3 / t['mod_ms']:.1f}", f"{t['dense_ms'] / t['mod_ms']:.3f}"))
     print(f"{args.model}: {shape.layers} layers, {n_vision} vision + {args.n_text} text tokens, preset {result['preset']}")
     print(f"MoD layers: {sum(r < 1 for r in ratios)}, vision KV fraction {result['vision_kv_fraction']:.4f}")
-    print(_markdown([("quantity", "dense", "MoD", "MoD / dense"), *rows]))
+    print(markdown_table([("quantity", "dense", "MoD", "MoD / dense"), *rows]))
     if not args.config_only:
         print(f"(timed on {args.device}, {args.dtype}; the decoder only: the vision tower costs the same in both)")
     if args.json:
@@ -191,12 +192,6 @@ def _time_prefill(model, n_vision: int, n_text: int, batch_sizes: str, repeats: 
         out.append(row)
     bar.close()
     return out
-
-
-def _markdown(rows: list[tuple[str, ...]]) -> str:
-    head, *body = rows
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..tables import markdown_table
+
 EFFICIENCY_COLUMNS = (  # (Meter.summary() key, column title, scale, format)
     ("prefill_tflops_per_sample", "prefill TFLOPs/sample", 1.0, "{:.4g}"),
     ("kv_bytes_per_sample", "KV MiB/sample", 2.0**-20, "{:.4g}"),
@@ -42,11 +44,12 @@ def markdown(results: list[ModelResult], meta: dict[str, Any] | None = None) -> 
     """One row per model: every task's metric, the average, the efficiency measured in the same run."""
     tasks = list(results[0].scores)
     head = ["model", *[f"{t} ({results[0].metrics[t]})" for t in tasks], "average", *[c[1] for c in EFFICIENCY_COLUMNS]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    rows = [head]
     for r in results:
         cells = [r.name, *[_fmt(r.scores[t]) for t in tasks], _fmt(r.average)]
         cells += [_fmt(r.efficiency.get(key), scale, pattern) for key, _, scale, pattern in EFFICIENCY_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines = [markdown_table(rows)]
     if meta:
         limit = f", limit {meta['limit']} per task" if meta.get("limit") else ""
         lines += [
