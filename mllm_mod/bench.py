@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .cache import kv_bytes
+from .compat import disable_checkpointing, enable_checkpointing, output_cache
 from .efficiency import dense
 from .flops import DecoderShape, prefill_cost
 from .reference_shapes import REFERENCE_SHAPES
@@ -196,11 +197,8 @@ def bench_train(model: nn.Module, options: BenchOptions, n_vision: int, timer: T
     model.train()
     try:
         for checkpointing in (False, True):
-            if checkpointing:  # renamed activation_checkpointing_* in newer transformers
-                if hasattr(model, "activation_checkpointing_enable"):
-                    model.activation_checkpointing_enable({"use_reentrant": False})
-                else:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if checkpointing:
+                enable_checkpointing(model, {"use_reentrant": False})
             row: dict[str, Any] = {"batch": options.train_batch, "checkpointing": checkpointing}
             for label in ("dense", "mod"):
 
@@ -220,7 +218,7 @@ def bench_train(model: nn.Module, options: BenchOptions, n_vision: int, timer: T
                         row[f"{label}_ms"] = row[f"{label}_peak_gib"] = None
             results.train.append(row)
             if checkpointing:
-                getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+                disable_checkpointing(model)
     finally:
         model.eval()
 
@@ -254,7 +252,7 @@ def bench_kv(model: nn.Module, options: BenchOptions, n_vision: int, results: Be
     element = next(model.parameters()).element_size()
     for label in ("dense", "mod"):
         with mode(model, label), torch.no_grad():
-            cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            cache = output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
         ratios = [1.0] * shape.layers if label == "dense" else layer_ratios(model)
         results.kv[f"{label}_measured_bytes"] = kv_bytes(cache)
         results.kv[f"{label}_accounted_bytes"] = b * prefill_cost(shape, ratios, options.n_text, n_vision, element).kv_bytes

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .cache import kv_bytes, kv_entries
+from .compat import output_cache
 from .flops import DecoderShape, prefill_cost
 from .layer import LayerStats, MoDLayer
 from .retrofit import get_state
@@ -80,7 +81,7 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
     ctx.stats = []
     with torch.no_grad():
         out = model(**batch, mod_routing=ctx, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     real = attention_mask.bool().cpu()  # [B, T]
     vision = ctx.candidates.cpu() & real if ctx.candidates is not None else torch.zeros_like(real)
     n_vision = vision.sum(1).tolist()

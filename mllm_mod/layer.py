@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compat
 from .cache import MoDCacheLayer, mod_cache_layer
 from .config import MoDConfig
 from .masks import SDPA_LIKE, allowed_pairs, backend_mask
@@ -138,6 +139,10 @@ class MoDLayer(nn.Module):
         self.mod_config = config
         self.gradient_checkpointing = False  # set by HF's gradient_checkpointing_enable
 
+    def _cache_kwargs(self, cache: Any) -> dict[str, Any]:
+        """The cache keyword of the wrapped attention (its own name for it in this transformers release)."""
+        return compat.cache_kwargs(cache, self.base_layer.self_attn)
+
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, ratio={self.ratio:.6f}, weighting={self.mod_config.weighting!r}"
 
@@ -188,7 +193,7 @@ class MoDLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         position_ids: torch.Tensor | None,
-        past_key_values: Any,
+        cache: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``h = x + attn(norm1(x))`` and ``m = mlp(norm2(h))``, both [B, Tk, D]."""
@@ -198,7 +203,7 @@ class MoDLayer(nn.Module):
             position_embeddings=(cos, sin),
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **self._cache_kwargs(cache),
             **kwargs,
         )
         h = x + attn
@@ -209,12 +214,13 @@ class MoDLayer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: Any = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         mod_routing: RoutingContext | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        # the cache arrives as `cache` (transformers 5.24+) or `past_key_values`: take it under either name
+        past_key_values = compat.pop_cache(kwargs)
         self._run_base_pre_hooks(hidden_states)
         x = hidden_states  # [B, T, D]
         batch, length, dim = x.shape

@@ -58,3 +58,17 @@ def randomize_routers(model, seed: int = 1, scale: float = 1.0) -> None:
         for layer in mod_layer_map(model).values():
             for p in layer.router.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The worst logit difference of each invariant check in this run, with the library versions."""
+    import transformers
+
+    from logits import LOGIT_ATOL, WORST
+
+    if not WORST:
+        return
+    terminalreporter.section(f"worst logit differences (fp32, bound {LOGIT_ATOL:g})")
+    terminalreporter.write_line(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    for check, diff in sorted(WORST.items()):
+        terminalreporter.write_line(f"{diff:10.3g}  {check}")

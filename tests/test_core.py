@@ -7,9 +7,11 @@ import torch
 
 import mllm_mod
 from conftest import build, make_inputs, randomize_routers
+from logits import assert_batch_equals_single, assert_cached_equals_uncached, assert_logits_close, single
 from mllm_mod.cache import MoDCacheLayer, kv_entries
 from mllm_mod.layer import MoDLayer
 from mllm_mod.select import keep_count
+from mllm_mod.compat import output_cache
 
 FAMILIES = ["llava", "llava_next", "llava_onevision"]
 
@@ -31,27 +33,20 @@ def test_pmod_on_four_layers():
 def test_cached_generation_equals_uncached(family, attn):
     model, processor = pmod_model(family, attn)
     inputs = make_inputs(processor)
-    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=True)
-    uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_cached_equals_uncached(model, inputs, 6, "cached == uncached (pmod)")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_one_by_one(family):
     model, processor = pmod_model(family)
     batch = make_inputs(processor, n=3)
-    out = model.generate(**batch, max_new_tokens=6, do_sample=False)
-    with torch.no_grad():
-        batch_logits = model(**batch).logits[:, -1]  # [B, V] last prompt position (left padding)
-    for i in range(3):
-        single = make_inputs(processor, n=3)  # same prompts; take sample i alone
-        one = {k: v[i : i + 1] for k, v in single.items()}
-        real = one["attention_mask"][0].bool()
-        one = {k: (v[:, real] if k in ("input_ids", "attention_mask") else v) for k, v in one.items()}
-        alone = model.generate(**one, max_new_tokens=6, do_sample=False)
-        assert torch.equal(alone[0, -6:], out[i, -6:]), f"sample {i}"
-        with torch.no_grad():
-            torch.testing.assert_close(model(**one).logits[0, -1], batch_logits[i], atol=2e-5, rtol=1e-5)
+    alone = [single(batch, i) for i in range(3)]
+    assert_batch_equals_single(model, batch, alone, 6, "left-padded batch == alone (pmod)")
+    with torch.no_grad():  # every real prompt position too, not only the generated steps
+        batch_logits = model(**batch).logits  # [B, T, V]
+        for i, one in enumerate(alone):
+            real = batch["attention_mask"][i].bool()
+            assert_logits_close(batch_logits[i, real], model(**one).logits[0], "left-padded batch == alone (pmod)")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -63,7 +58,7 @@ def test_kv_cache_holds_text_plus_kept_vision(family):
     length = inputs["input_ids"].shape[1]
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     entries = kv_entries(cache)
     ratios = mllm_mod.layer_ratios(model)
     for idx, r in enumerate(ratios):

@@ -7,6 +7,7 @@ import torch
 
 import mllm_mod
 from conftest import build, make_inputs
+from logits import assert_logits_close, generate_logits
 
 FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision"]
 
@@ -36,9 +37,10 @@ def test_ratio_one_equals_dense(family, attn):
 def test_ratio_one_generation_equals_dense(family):
     model, processor = build(family, "sdpa")
     inputs = make_inputs(processor)
-    dense = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    dense, dense_logits = generate_logits(model, inputs, 6)
     mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=1.0)
-    mod = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    mod, mod_logits = generate_logits(model, inputs, 6)
+    assert_logits_close(mod_logits, dense_logits, "ratio 1 == dense (generation)")
     assert torch.equal(dense, mod)
 
 
@@ -68,6 +70,8 @@ def test_mistral_sliding_window(attn):
         mod = model(**inputs).logits
     torch.testing.assert_close(mod[real], dense[real], atol=1e-5, rtol=1e-5)
     mllm_mod.unload(model)
-    dense_gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    dense_gen, dense_logits = generate_logits(model, inputs, 5)
     mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=1.0)
-    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), dense_gen)
+    mod_gen, mod_logits = generate_logits(model, inputs, 5)
+    assert_logits_close(mod_logits, dense_logits, "ratio 1 == dense (generation)")
+    assert torch.equal(mod_gen, dense_gen)

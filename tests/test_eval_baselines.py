@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PROMPTS, make_images, make_inputs
+from logits import assert_batch_equals_single
 
 import mllm_mod
 from mllm_mod.cache import MoDCacheLayer
@@ -15,6 +16,7 @@ from mllm_mod.flops import DecoderShape, prefill_cost
 from mllm_mod.retrofit import is_retrofitted
 from mllm_mod.select import keep_count
 from mllm_mod.tiny import tiny_model
+from mllm_mod.compat import output_cache
 
 K, R = 2, 0.5
 
@@ -54,7 +56,7 @@ def test_fastv_keeps_top_attention_tokens_and_matches_pruned_forward(attn):
     apply_baseline(model, "fastv", layer=K, ratio=R)
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     image = (inputs["input_ids"][0] == model.config.image_token_id).tolist()
     for i, layer in enumerate(cache.layers):
         if i < K:
@@ -99,7 +101,7 @@ def test_random_drop_same_budget_seeded_and_unloadable():
     def kept_sets(spec: DropSpec) -> list[list[int]]:
         apply_baseline(model, spec)
         with torch.no_grad():
-            cache = model(**inputs, use_cache=True).past_key_values
+            cache = output_cache(model(**inputs, use_cache=True))
         layer = cache.layers[K]
         mllm_mod.unload(model)
         return [layer.index[b][layer.valid[b]].tolist() for b in range(2)]
@@ -122,11 +124,8 @@ def test_fastv_generation_is_batched_like_single():
     apply_baseline(model, "fastv", layer=K, ratio=R)
     batch = make_inputs(processor, n=3)
     images = make_images()
-    with torch.no_grad():
-        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
-        for i in range(3):
-            alone = processor(images=[images[i]], text=[PROMPTS[i]], return_tensors="pt")
-            assert model.generate(**alone, max_new_tokens=4, do_sample=False)[0, -4:].tolist() == together[i].tolist()
+    alone = [processor(images=[images[i]], text=[PROMPTS[i]], return_tensors="pt") for i in range(3)]
+    assert_batch_equals_single(model, batch, alone, 4, "left-padded batch == alone (fastv)")
 
 
 def test_bad_specs_raise():

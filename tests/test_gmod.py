@@ -7,9 +7,12 @@ import torch
 
 import mllm_mod
 from conftest import build, make_images, make_inputs
+from logits import assert_cached_equals_uncached
 from mllm_mod.arank import ARankReport, arank, attention_ranks
 from mllm_mod.efficiency import efficiency
 from mllm_mod.retrofit import AGREEMENT_KEY, LOSS_KEY, SHARED_ROUTER, mod_state_dict
+from mllm_mod import compat
+from mllm_mod.compat import output_cache
 
 
 # -- ARank on hand-built maps ----------------------------------------------------------------------
@@ -148,15 +151,13 @@ def test_threshold_routing_and_decode_skipping_cached_equals_uncached():
     decode_skips = []
     layer = model.model.language_model.layers[2]
     layer.register_forward_hook(
-        lambda m, a, k, o: decode_skips.append(int(k["past_key_values"].layers[2].seen) if k.get("past_key_values") is not None else 0),
+        lambda m, a, k, o: decode_skips.append(int(k[compat.CACHE_KWARG].layers[2].seen) if k.get(compat.CACHE_KWARG) is not None else 0),
         with_kwargs=True,
     )
-    cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_cached_equals_uncached(model, inputs, 8, "cached == uncached (gmod threshold, decode skip)")
     # the compact cache of a MoD layer is shorter than the sequence: decoding tokens skipped it too
     out = model(**inputs, use_cache=True)
-    entries = mllm_mod.cache.kv_entries(out.past_key_values)
+    entries = mllm_mod.cache.kv_entries(output_cache(out))
     assert (entries[2] < inputs["input_ids"].shape[1]).all()
 
 
@@ -189,9 +190,7 @@ def test_training_lowers_the_routing_loss():
 def test_renumbered_positions_differ_and_stay_cache_consistent():
     model, processor = gmod_model(positions="renumber")
     inputs = make_inputs(processor)
-    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_cached_equals_uncached(model, inputs, 6, "cached == uncached (gmod renumbered positions)")
     other, _ = gmod_model()
     with torch.no_grad():
         assert not torch.allclose(model(**inputs).logits, other(**inputs).logits)

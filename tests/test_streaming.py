@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_routers
+from logits import assert_logits_close
 from transformers import AutoModelForCausalLM
 
 import mllm_mod
@@ -204,7 +205,7 @@ def test_frame_by_frame_cached_equals_full_forward(stream_data, attn, mod):
         full = full_logits(model, seq)[1:]  # [T - 1, V]: the session's BOS is the prompt
         session = StreamSession(model, tokenizer)
         streamed = teacher_forced_stream(session, seq)
-        torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
+        assert_logits_close(streamed, full, f"streaming frame-by-frame == full forward ({'videomod' if mod else 'dense'})")
         # same silence decisions at every frame
         last = torch.tensor([f.stop - 2 for f in seq.frames()])
         silence = model.config.silence_token_id

@@ -11,9 +11,11 @@ import torch
 
 import mllm_mod
 from conftest import build, randomize_routers
+from logits import assert_batch_equals_single, assert_cached_equals_uncached, single
 from mllm_mod.adapters import frame_groups
 from mllm_mod.cache import MoDCacheLayer
 from mllm_mod.efficiency import efficiency
+from mllm_mod.compat import output_cache
 
 VIDEO_FAMILIES = ["llava_next_video", "llava_onevision"]
 VIDEO_PROMPTS = [
@@ -73,7 +75,7 @@ def test_every_frame_keeps_ceil_r_tokens_in_every_mod_layer(family, ratio):
     inputs = make_video_inputs(processor)
     ctx = model.mod_state.adapter.routing_context(model, inputs["input_ids"], None, inputs["attention_mask"])
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     tpf = TOKENS_PER_FRAME[family]
     expected = math.ceil(ratio * tpf)
     for idx in (1, 2, 3):
@@ -113,16 +115,6 @@ def test_video_cached_equals_uncached_and_batch_equals_single(family):
     mllm_mod.retrofit(model, "videomod", schedule="constant", layers=[1, 2, 3], ratio=0.5)
     randomize_routers(model)
     inputs = make_video_inputs(processor)
-    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
-    width = inputs["input_ids"].shape[1]
-    for b in range(3):
-        real = inputs["attention_mask"][b].bool()
-        one = {
-            "input_ids": inputs["input_ids"][b : b + 1, real],
-            "attention_mask": inputs["attention_mask"][b : b + 1, real],
-            "pixel_values_videos": inputs["pixel_values_videos"][b : b + 1],
-        }
-        alone = model.generate(**one, max_new_tokens=6, do_sample=False)
-        assert torch.equal(alone[0, -6:], cached[b, width:]), b
+    assert_cached_equals_uncached(model, inputs, 6, "cached == uncached (videomod, video)")
+    alone = [single(inputs, b) for b in range(3)]
+    assert_batch_equals_single(model, inputs, alone, 6, "left-padded batch == alone (videomod, video)")

@@ -48,6 +48,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from ..compat import output_cache
 from .baselines import BASELINES, DropSpec
 from .meter import FirstStepTimer, Meter, prefill_flops, prompt_kv_bytes, record_prefill, synchronize
 
@@ -392,8 +393,9 @@ class MoDLMM(lmms):
         generated = (new != self.tokenizer.pad_token_id).sum(dim=1).tolist()  # [B]
         self.meter.add_prefill(len(prompts), first - start)
         self.meter.add_decode(end - first, generated)
-        if out.past_key_values is not None:
-            self.meter.add_kv(prompt_kv_bytes(out.past_key_values, inputs["attention_mask"]))
+        cache = output_cache(out)
+        if cache is not None:
+            self.meter.add_kv(prompt_kv_bytes(cache, inputs["attention_mask"]))
         self.meter.add_flops(prefill_flops(self.model, inputs, stats))
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [cut_at(t, until) for t in texts]

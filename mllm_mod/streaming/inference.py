@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from ..compat import cache_kwargs
 from .budget import CacheBudget, CachedSpan, cache_slots, make_room
 from .data import Turn, frame_index
 from .model import StreamForCausalLM
@@ -77,8 +78,8 @@ class StreamSession:
             input_ids=input_ids,
             pixel_values=pixel_values,
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
+            **cache_kwargs(self.cache),
         )
         self.position += n
         self._record(kind, start, n, frame)

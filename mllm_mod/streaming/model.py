@@ -31,9 +31,9 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.cache_utils import Cache
-from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .. import compat
 
 MODEL_TYPE = "mllm_mod_stream"
 
@@ -51,10 +51,8 @@ class StreamConfig(PreTrainedConfig):
     """
 
     model_type = MODEL_TYPE
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    DEFAULT_SUB_CONFIGS = {"vision_config": "siglip_vision_model", "text_config": "llama"}
+    vars().update(compat.sub_config_declaration(**DEFAULT_SUB_CONFIGS))  # this release's declaration
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -69,6 +67,8 @@ class StreamConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        for name, model_type in self.DEFAULT_SUB_CONFIGS.items():
+            setattr(self, name, compat.resolve_sub_config(getattr(self, name), model_type))
         super().__post_init__(**kwargs)
         if self.image_mean is None:
             self.image_mean = [0.5, 0.5, 0.5]
@@ -104,7 +104,7 @@ class StreamPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("video", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [compat.CACHE_KWARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -160,11 +160,12 @@ class StreamModel(StreamPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
     ):
+        """The KV cache comes in `kwargs` under this transformers release's name (`compat.CACHE_KWARG`)."""
+        cache = compat.pop_cache(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -175,8 +176,8 @@ class StreamModel(StreamPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **compat.cache_kwargs(cache),
             **kwargs,
         )
 
@@ -210,7 +211,6 @@ class StreamForCausalLM(StreamPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         label_weights: torch.Tensor | None = None,
@@ -227,7 +227,6 @@ class StreamForCausalLM(StreamPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -244,7 +243,7 @@ class StreamForCausalLM(StreamPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            **compat.output_fields(compat.output_cache(out)),
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
