@@ -25,6 +25,7 @@ from mllm_mod.train import (
     train,
 )
 from mllm_mod.train.recipe import training_arguments
+from mllm_mod.compat import enable_checkpointing
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,7 +194,7 @@ def test_gradient_checkpointing_through_mod_layers_gives_the_same_gradients(synt
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model, {"use_reentrant": False})
     mod_layers = [m for m in model.modules() if isinstance(m, mllm_mod.MoDLayer)]
     assert mod_layers and all(m.gradient_checkpointing for m in mod_layers)
     checkpointed = grads()
@@ -268,3 +269,28 @@ def test_cli_train_with_yaml_overrides_and_skipped_samples(base_dir, synth_dir, 
     assert reloaded.mod_state.config.prd_min_ratio == 0.3
     # without --skip-bad-samples the same data stops with the sample id and the file
     assert main(argv[:-4] + ["--output-dir", str(tmp_path / "cli2"), "--routers-only"]) == 2
+
+
+def test_cli_train_from_a_retrofit_adapter_directory(base_dir, synth_dir, tmp_path, capsys):
+    """`mllm-mod retrofit BASE --out A` then `mllm-mod train --model A`: the adapter names its base; with the
+    base moved, the error says to pass `--model BASE --adapter A`, which works."""
+    from mllm_mod.cli import main
+
+    adapter = tmp_path / "adapter"
+    assert main(["retrofit", str(base_dir), "--preset", "pmod", "--set", "prd_min_ratio=0.3", "--out", str(adapter)]) == 0
+    assert not (adapter / "config.json").exists()
+    common = ["--data", str(synth_dir / "train.json"), "--image-folder", str(synth_dir), "batch_size=4",
+              "num_workers=0", "max_steps=2", "gradient_checkpointing=false", "progress=false", "bf16=false"]
+    assert main(["train", "--model", str(adapter), "--output-dir", str(tmp_path / "a"), *common]) == 0
+    assert mllm_mod.from_pretrained(tmp_path / "a").mod_state.config.prd_min_ratio == 0.3
+
+    config = json.loads((adapter / "mod_config.json").read_text())
+    config["base_model"]["name_or_path"] = str(tmp_path / "moved")
+    (adapter / "mod_config.json").write_text(json.dumps(config))
+    assert main(["train", "--model", str(adapter), "--output-dir", str(tmp_path / "b"), *common]) != 0
+    assert f"--model BASE_DIR --adapter {adapter}" in capsys.readouterr().err
+    argv = ["train", "--model", str(base_dir), "--adapter", str(adapter), "--output-dir", str(tmp_path / "c"), *common]
+    assert main(argv) == 0
+    assert mllm_mod.from_pretrained(tmp_path / "c").mod_state.config.prd_min_ratio == 0.3
+    assert main([*argv, "--output-dir", str(tmp_path / "d"), "--preset", "pmod"]) != 0
+    assert "drop preset='pmod'" in capsys.readouterr().err

@@ -76,7 +76,8 @@ def run_retrofit(args: argparse.Namespace) -> int:
 
     config = MoDConfig.load(os.path.dirname(args.config) or ".") if args.config else args.preset
     config = as_config(config, **parse_overrides(args.set))  # bad overrides fail before the model loads
-    model = load_model(args.model)
+    # an absolute path is what the adapter records as its base, so `mllm-mod train --model ADAPTER` finds it
+    model = load_model(os.path.abspath(args.model) if os.path.isdir(args.model) else args.model)
     model = retrofit(model, config, arank=args.arank, arank_dense=args.dense_layers, arank_threshold=args.arank_threshold)
     if args.full:
         model.save_pretrained(args.out)

@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune on LLaVA conversation data (one process, or under deepspeed/torchrun/accelerate launch)",
         description="Fine-tune on LLaVA conversation JSON/JSONL. Trailing KEY=VALUE pairs override any TrainConfig "
         "field (mod.* MoDConfig fields, hf.* TrainingArguments fields). Multi-GPU: "
-        "`deepspeed --num_gpus 8 -m mllm_mod.train ...` takes the same arguments.",
+        "`deepspeed --num_gpus 8 --module mllm_mod.train ...` takes the same arguments.",
     )
     add_arguments(p)
     p.set_defaults(func=run_from_args)

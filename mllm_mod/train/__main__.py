@@ -1,4 +1,4 @@
-"""``python -m mllm_mod.train`` (and ``deepspeed -m`` / ``torchrun -m`` / ``accelerate launch -m``)."""
+"""``python -m mllm_mod.train`` (and ``deepspeed --module`` / ``torchrun -m`` / ``accelerate launch -m``)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 """The training command line, shared by ``mllm-mod train`` and ``python -m mllm_mod.train`` (so also by
-``deepspeed -m mllm_mod.train``, ``torchrun -m mllm_mod.train`` and ``accelerate launch -m mllm_mod.train``).
+``deepspeed --module mllm_mod.train``, ``torchrun -m mllm_mod.train`` and ``accelerate launch -m mllm_mod.train``).
 
 Flags set the common `TrainConfig` fields; ``--config train.yaml`` gives a file; trailing
 ``key=value`` pairs override anything (typed by the config's fields). Precedence: defaults < YAML <
@@ -16,7 +16,8 @@ from .config import TrainConfig, load_config
 
 # flag -> TrainConfig field, for the settings people set on the command line
 FLAGS: dict[str, tuple[str, type, str]] = {
-    "--model": ("model", str, "a stock model directory or a full MoD checkpoint"),
+    "--model": ("model", str, "a stock model directory, a full MoD checkpoint or a MoD adapter directory"),
+    "--adapter": ("adapter", str, "a MoD adapter directory (mllm-mod retrofit --out) to load onto --model"),
     "--data": ("data", str, "LLaVA conversation JSON / JSONL file"),
     "--image-folder": ("image_folder", str, "root of the samples' relative image paths"),
     "--video-folder": ("video_folder", str, "root of the samples' relative video paths"),

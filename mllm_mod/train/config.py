@@ -32,8 +32,12 @@ class TrainConfig(DataOptions):
     """A fine-tuning run: the data options of `DataOptions` (image and video folders, max_length,
     frame sampling, bad-sample handling) and the fields below.
 
-    model: a stock transformers model directory, or a full MoD checkpoint (``save_pretrained`` of a
-        retrofitted model, e.g. ``mllm-mod retrofit --full`` or an earlier run's output).
+    model: a stock transformers model directory, a full MoD checkpoint (``save_pretrained`` of a
+        retrofitted model, e.g. ``mllm-mod retrofit --full`` or an earlier run's output), or a MoD adapter
+        directory (``mllm-mod retrofit --out``, `mllm_mod.save_mod`): its recorded base model is loaded and
+        the adapter put on it.
+    adapter: a MoD adapter directory to load onto `model` (a stock model): for an adapter whose recorded
+        base path is not valid here.
     preset: retrofit a stock model with this preset (``mod`` overrides its fields) before training;
         None trains the model as it is (MoD if the checkpoint is MoD, dense otherwise).
     freeze_vision_tower / routers_only: what trains (p-MoD: everything but the vision tower;
@@ -47,6 +51,7 @@ class TrainConfig(DataOptions):
     model: str = ""
     data: str = ""
     output_dir: str = ""
+    adapter: str | None = None
     preset: str | None = None
     mod: dict[str, Any] = field(default_factory=dict)
     freeze_vision_tower: bool = True
@@ -78,6 +83,8 @@ class TrainConfig(DataOptions):
         missing = [name for name in REQUIRED if not getattr(self, name)]
         if missing:
             raise ValueError(f"missing required training settings: {', '.join(missing)}")
+        if self.adapter is not None and self.preset is not None:
+            raise ValueError(f"adapter={self.adapter} already holds a MoD config; drop preset={self.preset!r}")
         if self.mod and self.preset is None:
             raise ValueError(f"mod.* overrides {sorted(self.mod)} need a preset to retrofit with")
         for name in ("lr", "batch_size", "grad_accum", "num_frames", "max_length"):

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import checkpointing_arguments
 from ..retrofit import is_retrofitted, retrofit
-from .checkpoint import is_mod_checkpoint, load_pretrained
+from .checkpoint import is_mod_checkpoint, load_pretrained, resolve_model
 from .config import TrainConfig
 from .params import set_trainable
 from .trainer import MoDTrainer
@@ -62,8 +63,8 @@ def training_arguments(config: TrainConfig):
         "gradient_accumulation_steps": config.grad_accum,
         "max_grad_norm": config.max_grad_norm,
         "bf16": use_bf16(config),
-        "activation_checkpointing": config.gradient_checkpointing,
-        "activation_checkpointing_kwargs": {"use_reentrant": False},  # works with a frozen vision tower and embeddings
+        # use_reentrant=False works with a frozen vision tower and embeddings
+        **checkpointing_arguments(config.gradient_checkpointing, {"use_reentrant": False}),
         "deepspeed": deepspeed_config(config.deepspeed) if config.deepspeed else None,
         "save_strategy": "steps",
         "save_steps": config.save_steps,
@@ -102,14 +103,18 @@ def _start_cpu_deepspeed() -> None:
 
 
 def load_model(config: TrainConfig, bf16: bool) -> nn.Module:
-    """The model to train: a full MoD checkpoint as it is, or a stock one (retrofitted with `preset`)."""
+    """The model to train: a full MoD checkpoint as it is, a stock one with a MoD adapter, or a stock one
+    (retrofitted with `preset`)."""
     # DeepSpeed casts to bf16 itself; weights loaded in bf16 save host memory on 8 processes
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if (bf16 and config.deepspeed) else torch.float32}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
-    if is_mod_checkpoint(config.model) and config.preset is not None:
-        raise ValueError(f"{config.model} is already a MoD checkpoint; drop preset={config.preset!r} to fine-tune it as it is")
-    model = load_pretrained(config.model, **kwargs)
+    base, adapter = resolve_model(config.model, config.adapter)
+    if is_mod_checkpoint(base) and config.preset is not None:
+        raise ValueError(f"{base} is already a MoD checkpoint; drop preset={config.preset!r} to fine-tune it as it is")
+    if adapter is not None and config.preset is not None:
+        raise ValueError(f"{adapter} is a MoD adapter (it holds its MoD config); drop preset={config.preset!r}")
+    model = load_pretrained(base, adapter, **kwargs)
     if config.preset is not None:
         retrofit(model, config.preset, **config.mod)
     return model
@@ -156,7 +161,7 @@ def train(config: TrainConfig) -> TrainResult:
     config.validate()
     resume = resolve_resume(config.resume, config.output_dir)
     args = training_arguments(config)  # before the model: ZeRO-3 partitions weights as they load
-    processor = AutoProcessor.from_pretrained(config.model)
+    processor = AutoProcessor.from_pretrained(resolve_model(config.model, config.adapter)[0])
     model = load_model(config, args.bf16)
     trainable = set_trainable(model, config.freeze_vision_tower, config.routers_only)
     options = config.data_options(main_process=args.process_index == 0)
