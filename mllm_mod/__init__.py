@@ -6,6 +6,7 @@ from .adapters import adapter_for, supported_model_types
 from .arank import ARankReport, arank  # the function shadows the module name, as the API asks
 from .config import PRESETS, MoDConfig, preset
 from .efficiency import EfficiencyReport, efficiency
+from .importers import import_checkpoint
 from .layer import MoDLayer, RoutingContext
 from .retrofit import (
     from_pretrained,
@@ -29,6 +30,7 @@ __all__ = [
     "arank",
     "efficiency",
     "from_pretrained",
+    "import_checkpoint",
     "layer_ratios",
     "load_mod",
     "mod_state_dict",
