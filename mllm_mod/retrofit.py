@@ -337,7 +337,7 @@ def _loss_hook(config: MoDConfig):
 
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
         ctx = kwargs.get("mod_routing")
-        if ctx is None or not ctx.records or not hasattr(output, "keys"):
+        if ctx is None or not ctx.records or config.routing_loss_weight <= 0 or not hasattr(output, "keys"):
             return None
         loss, agreement = routing_loss(ctx.records, config)
         output[LOSS_KEY] = loss

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import MoDConfig
@@ -13,8 +14,16 @@ class Router(nn.Module):
 
     classes = 1: a per-layer scalar score (p-MoD, VideoLLM-MoD); classes = 2: gamma-MoD's 2-way
     skip/keep router (no bias), shared by all MoD layers. Zero init gives ``w = 1`` under TanhNorm and
-    ``p = 0.5`` under sigmoid/softmax. Parameters stay float32 whatever the model is cast to: small
-    logit differences decide the top-k, and bf16 would collapse them.
+    ``p = 0.5`` under sigmoid/softmax.
+
+    Routing is float32 end to end (DESIGN.md section 6, invariant 8): small logit differences decide the
+    top-k, and bf16 keeps ~3 significant digits (TanhNorm weights in (0.8, 1.2) would take ~50 values, and
+    all be exactly 1 at initialisation). So:
+    - parameters stay float32 through ``model.to(dtype)`` / ``.half()`` / ``.bfloat16()``, bit for bit: a
+      cast that would change their dtype only moves them (device changes still apply);
+    - the forward runs with autocast disabled (CPU and CUDA), on a float32 copy of the input, on the router's
+      own device (a layer on another device of a ``device_map`` gets its logits back on its device).
+    The logits are float32 [B, T, classes].
     """
 
     def __init__(self, hidden_size: int, classes: int = 1, bias: bool = True, device=None) -> None:
@@ -25,18 +34,21 @@ class Router(nn.Module):
             if bias:
                 nn.init.zeros_(self.proj.bias)
 
-    def _apply(self, fn, recurse: bool = True):  # keep float32 through model.to(dtype) / .half()
-        super()._apply(fn, recurse)
-        for param in self.parameters():
-            if param.dtype != torch.float32:
-                param.data = param.data.float()
-        return self
+    def _apply(self, fn, recurse: bool = True):
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype != torch.float32:
+                return t.to(device=out.device)  # the dtype cast is refused, the move is not
+            return out
+
+        return super()._apply(keep_float32, recurse)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # [B, T, D] -> [B, T, classes] logits, computed in float32
-        return self.proj(hidden_states.float())
-
-
+        weight = self.proj.weight  # [C, D]
+        x = hidden_states.to(device=weight.device, dtype=torch.float32)  # [B, T, D]
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            logits = F.linear(x, weight.float(), None if self.proj.bias is None else self.proj.bias.float())
+        return logits.to(hidden_states.device)  # [B, T, C] float32
 def token_weights(logits: torch.Tensor, config: MoDConfig) -> torch.Tensor:
     """Weights ``w`` [B, T] from router logits [B, T, classes] (float32)."""
     if config.norm == "softmax":
