@@ -62,7 +62,7 @@ def import_checkpoint(
     A p-MoD source gives a directory that `mllm_mod.from_pretrained(out)` loads as the MoD model (and
     transformers alone as the dense one, ignoring the routers).
     """
-    from .. import retrofit as mod
+    from ..retrofit import CONFIG_KEY, load_mod_state_dict, retrofit, unload
 
     src = os.fspath(src)
     if dtype not in DTYPES:
@@ -75,7 +75,7 @@ def import_checkpoint(
     torch_dtype = _dtype(dtype, source, raw)
 
     with torch.device("meta"):
-        model = target.model_class._from_config(target.config, torch_dtype=torch_dtype)
+        model = target.model_class._from_config(target.config, dtype=torch_dtype)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     the_plan = plan(
         [source, *target.extra_sources],
@@ -93,12 +93,12 @@ def import_checkpoint(
         for key in the_plan.zero_filled:
             if key.startswith(MOD_PREFIX):
                 routers[key[len(MOD_PREFIX) :]] = torch.zeros(1)
-        mod.retrofit(model, target.mod_config)  # validates the config on this model
+        retrofit(model, target.mod_config)  # validates the config on this model
         try:
-            mod.load_mod_state_dict(model, routers)  # strict: every MoD layer gets its router, nothing else
+            load_mod_state_dict(model, routers)  # strict: every MoD layer gets its router, nothing else
             mod_dict = model.mod_state.config.to_dict()
         finally:
-            mod.unload(model)
+            unload(model)
 
     report = ImportReport(
         source=os.path.abspath(src),
@@ -115,7 +115,7 @@ def import_checkpoint(
     )
     with atomic_directory(out, overwrite=overwrite) as tmp:
         if mod_dict is not None:
-            setattr(model.config, mod.CONFIG_KEY, mod_dict)
+            setattr(model.config, CONFIG_KEY, mod_dict)
         model.save_pretrained(tmp)
         target.processor.save_pretrained(tmp)
         if mod_dict is not None:

@@ -35,6 +35,9 @@ def decoder_of(raw: dict[str, Any]) -> str:
     return DECODER_TYPES[raw["model_type"]]
 
 
+INV_FREQ = Rule(r".*\.rotary_emb\.inv_freq", None, "a buffer transformers recomputes")
+
+
 def language_rules(newline: bool) -> list[Rule]:
     """The projector, image-newline and text-model part of the key map (shared with OneVision and p-MoD)."""
     return [
@@ -43,7 +46,7 @@ def language_rules(newline: bool) -> list[Rule]:
         Rule(r"model\.image_newline", "model.image_newline")
         if newline
         else Rule(r"model\.image_newline", None, "flat patch merging has no image-newline token"),
-        Rule(r".*\.rotary_emb\.inv_freq", None, "a buffer transformers recomputes"),
+        INV_FREQ,
         Rule(r"model\.(embed_tokens|layers|norm)\.(.*)", r"model.language_model.\1.\2"),
         Rule(r"lm_head\.weight", "lm_head.weight"),
     ]

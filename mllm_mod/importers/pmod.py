@@ -26,6 +26,7 @@ from typing import Any
 from ..config import MoDConfig
 from ..schedule import mod_layers
 from .layout import Layout, Options, Target, register
+from .llava import INV_FREQ
 from .llava import prepare as prepare_llava
 from .loader import MOD_PREFIX, CheckpointError, Rule, Source
 
@@ -123,7 +124,7 @@ def prepare(src: str, raw: dict[str, Any], source: Source, options: Options) -> 
     listed = raw.get("mod_target_layer_indices")
     if listed is not None and sorted(listed) != expected:
         raise CheckpointError(f"{src}/config.json: mod_target_layer_indices = {listed} disagrees with {expected}")
-    target.rules = PMOD_RULES + target.rules
+    target.rules = [INV_FREQ, *PMOD_RULES, *target.rules]
     target.mod_config, target.mod_layers = config, wrapped
     if not raw["mod_bias_enabled"]:
         target.zero_if_absent = {f"{MOD_PREFIX}layers.{i}.router.proj.bias": "mod_bias_enabled is false" for i in wrapped}

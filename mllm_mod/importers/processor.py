@@ -10,6 +10,8 @@ for OneVision) to the vocabulary, and ``<pad>`` where the tokenizer has no pad t
 
 from __future__ import annotations
 
+import logging
+
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .loader import CheckpointError
@@ -53,10 +55,15 @@ TEMPLATE_FOR_DECODER = {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qw
 def load_tokenizer(src: str, placeholders: tuple[str, ...]) -> tuple[PreTrainedTokenizerBase, dict[str, int]]:
     """The checkpoint's tokenizer with `placeholders` (``"<image>"``, ``"<video>"``) added as special
     tokens, and ``<pad>`` where it has no pad token; returns it with the placeholder ids."""
+    log = logging.getLogger("transformers.configuration_utils")  # it warns that config.json is no known model
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)  # never trust_remote_code: a checkpoint is data
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"{src}: no loadable tokenizer ({err.__class__.__name__}: {err})") from err
+    finally:
+        log.setLevel(level)
     new = [token for token in placeholders if token not in tokenizer.get_vocab()]
     if new:
         tokenizer.add_tokens(new, special_tokens=True)
