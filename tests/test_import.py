@@ -255,3 +255,25 @@ def test_existing_output_is_not_overwritten(tmp_path, llava_src):
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         import_checkpoint(llava_src["src"], str(out), vision_tower=llava_src["tower"], progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_llava_next_layout_keeps_the_image_newline(tmp_path, llava_src):
+    """LLaVA-NeXT in the original layout (anyres, spatial_unpad): the newline token is kept, the grid
+    pinpoints come over, and the imported model runs a batch of non-square images. (Its decoder and tower
+    keys are LLaVA-1.5's, checked against the reference above; anyres packing is transformers' code.)"""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    newline = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    overrides = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": "(1x1),...,(2x2)"}
+    src = _fabricate(tmp_path, overrides, tensors_edit=lambda t: t.__setitem__("model.image_newline", newline))
+    out = str(tmp_path / "out")
+    import_checkpoint(src, out, vision_tower=llava_src["tower"], progress=False)
+    model = LlavaNextForConditionalGeneration.from_pretrained(out).eval()
+    assert torch.equal(model.model.image_newline.detach(), newline)
+    assert model.config.image_grid_pinpoints == [[IMAGE, IMAGE], [IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE], [2 * IMAGE, 2 * IMAGE]]
+    processor = AutoProcessor.from_pretrained(out)
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[_image(40, 70), _image(70, 35)], text=PROMPTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all() and logits.shape[:2] == inputs["input_ids"].shape
