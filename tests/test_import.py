@@ -10,11 +10,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from logits import assert_logits_close
-from mllm_mod import import_checkpoint
-from mllm_mod.importers import CheckpointError
+from PIL import Image
 from test_import_reference import (
     CLIP_MEAN,
     CLIP_STD,
@@ -29,6 +26,9 @@ from test_import_reference import (
     write_checkpoint,
     write_tower_dir,
 )
+
+from mllm_mod import import_checkpoint
+from mllm_mod.importers import CheckpointError
 
 LAYERS = 3
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."

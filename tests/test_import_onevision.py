@@ -9,14 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from logits import assert_logits_close
-from mllm_mod import import_checkpoint
-from mllm_mod.importers import CheckpointError
+from PIL import Image
 from test_import_reference import (
-    D,
     IMAGE,
+    D,
     block_parts,
     projector_tensors,
     rms,
@@ -27,6 +24,9 @@ from test_import_reference import (
     write_checkpoint,
     write_tower_dir,
 )
+
+from mllm_mod import import_checkpoint
+from mllm_mod.importers import CheckpointError
 
 LAYERS = 2
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -90,7 +90,7 @@ def test_onevision_config_and_tokens(ov):
 def test_onevision_parts_equal_the_reference(ov):
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    out, _, sd, vocab, _ = ov
+    out, _, sd, _, _ = ov
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(out).eval()
     pixels = torch.randn(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

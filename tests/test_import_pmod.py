@@ -10,14 +10,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from logits import assert_batch_equals_single, assert_logits_close, single
-from mllm_mod import from_pretrained, import_checkpoint, layer_ratios
-from mllm_mod.importers import CheckpointError
+from PIL import Image
 from test_import_reference import (
-    D,
     PROMPTS,
+    D,
     llava_config,
     pmod_ratio,
     projector_tensors,
@@ -27,6 +24,9 @@ from test_import_reference import (
     write_checkpoint,
     write_tower_dir,
 )
+
+from mllm_mod import from_pretrained, import_checkpoint, layer_ratios
+from mllm_mod.importers import CheckpointError
 
 LAYERS = 32
 PMOD_FIELDS = dict(
@@ -152,7 +152,7 @@ def test_pmod_without_router_bias(tmp_path, tower):
     ],
 )
 def test_pmod_values_we_do_not_understand_are_refused(tmp_path, tower, imported, overrides, match):
-    out_dir, report, *_ = imported
+    _, report, *_ = imported
     src = tmp_path / "src"  # the imported source's shards and tokenizer, with this case's config.json
     src.mkdir()
     for name in os.listdir(report.source):

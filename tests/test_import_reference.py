@@ -204,7 +204,10 @@ def vit(sd: dict, p: str, pixels: torch.Tensor, kind: str, layers: int) -> list[
     hd = VD // VHEADS
     for i in range(layers):
         q = f"{p}encoder.layers.{i}."
-        lin = lambda t, n: t @ sd[q + n + ".weight"].T + sd[q + n + ".bias"]  # noqa: E731
+
+        def lin(t: torch.Tensor, n: str, q: str = q) -> torch.Tensor:
+            return t @ sd[q + n + ".weight"].T + sd[q + n + ".bias"]
+
         h = F.layer_norm(x, (VD,), sd[q + "layer_norm1.weight"], sd[q + "layer_norm1.bias"], eps)
         heads = [lin(h, f"self_attn.{n}_proj").view(-1, VHEADS, hd).transpose(0, 1) for n in "qkv"]  # [H, N, hd]
         att = torch.softmax(heads[0] @ heads[1].transpose(1, 2) / math.sqrt(hd), dim=-1) @ heads[2]
@@ -232,7 +235,7 @@ def block_parts(sd: dict, p: str, x: torch.Tensor, pos: torch.Tensor, eps: float
     """One Llama/Qwen2 layer on tokens x [T, D] at positions pos [T], causal among them: (x + attn, mlp)."""
     hd = D // HEADS
     h = rms(x, sd[p + "input_layernorm.weight"], eps)
-    proj = lambda n: h @ sd[p + f"self_attn.{n}_proj.weight"].T + sd.get(p + f"self_attn.{n}_proj.bias", 0)  # noqa: E731
+    proj = lambda n: h @ sd[p + f"self_attn.{n}_proj.weight"].T + sd.get(p + f"self_attn.{n}_proj.bias", 0)
     q = rope(proj("q").view(-1, HEADS, hd).transpose(0, 1), pos)
     k = rope(proj("k").view(-1, KV, hd).transpose(0, 1), pos).repeat_interleave(HEADS // KV, 0)
     v = proj("v").view(-1, KV, hd).transpose(0, 1).repeat_interleave(HEADS // KV, 0)

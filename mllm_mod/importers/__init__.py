@@ -172,7 +172,7 @@ def _add_routers(directory: str, routers: dict[str, torch.Tensor], prefix: str) 
         renamed = "model-00001-of-00001.safetensors"
         os.rename(single, os.path.join(directory, renamed))
         with safe_open(os.path.join(directory, renamed), framework="pt") as f:  # the header only
-            index = {"metadata": {}, "weight_map": {key: renamed for key in f.keys()}}
+            index = {"metadata": {}, "weight_map": {key: renamed for key in f.keys()}}  # noqa: SIM118 (a safe_open handle)
     tensors = {prefix + key: tensor.float().contiguous() for key, tensor in routers.items()}
     save_file(tensors, os.path.join(directory, ROUTER_FILE), metadata={"format": "pt"})
     index["weight_map"].update({key: ROUTER_FILE for key in tensors})
