@@ -4,9 +4,11 @@
 2. what p-MoD saves on a batch (measured kept tokens and KV entries beside the accounting);
 3. synthetic visual-instruction data (`mllm_mod.data.synth`), written as LLaVA JSON + PNGs;
 4. train the tiny LLaVA dense on it (`mllm_mod.train.train`, the same recipe as `mllm-mod train`);
-5. retrofit p-MoD onto the trained model and fine-tune it (p-MoD recipe: vision tower frozen);
-6. evaluate dense and MoD on the held-out split: accuracy per family against its chance level,
+5. two arms from that checkpoint with the same extra training (epochs, learning rate, warm-up, frozen
+   vision tower, data order): the dense model continued, and p-MoD retrofitted and fine-tuned;
+6. evaluate the base and both arms on the held-out split: accuracy per family against its chance level,
    TFLOPs and KV-cache bytes per sample, wall time; one table, ``results.json`` and ``demo.png``.
+   The fair comparison is MoD against the continued dense arm (both saw the same number of epochs).
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = N
 
     print(f"\n== 4. dense training of a tiny LLaVA ({TRAIN_LAYERS} layers, hidden {settings.hidden_size}), from random init")
     start = time.perf_counter()
-    base_dir, dense_dir, mod_dir = (os.path.join(out, name) for name in ("base", "dense", "mod"))
+    base_dir, dense_dir, cont_dir, mod_dir = (os.path.join(out, n) for n in ("base", "dense", "dense_cont", "mod"))
     model, processor = tiny_model(
         "llava", num_layers=TRAIN_LAYERS, words=meta["vocabulary"], seed=seed,
         hidden_size=settings.hidden_size, intermediate_size=2 * settings.hidden_size,
@@ -180,11 +182,17 @@ def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = N
     ))
     log.timed("train dense", start)
 
-    print(f"\n== 5. retrofit {preset} onto the trained model and fine-tune (vision tower frozen, routers at their own lr)")
+    print(f"\n== 5. two arms, the same extra {settings.mod_epochs} epoch(s) each (vision tower frozen, lr {settings.mod_lr})")
+    print("5a. the dense model, continued")
+    start = time.perf_counter()
+    extra = {"epochs": settings.mod_epochs, "lr": settings.mod_lr, "freeze_vision_tower": True, **common}
+    cont = train(load_config(model=dense_dir, output_dir=cont_dir, **extra))
+    log.timed("train dense +", start)
+    print(f"5b. retrofit {preset} onto the trained model and fine-tune (routers at their own lr)")
     start = time.perf_counter()
     mod = train(load_config(
-        model=dense_dir, output_dir=mod_dir, preset=preset, epochs=settings.mod_epochs, lr=settings.mod_lr,
-        router_lr=settings.router_lr, mod=DEMO_PRESET_SETTINGS.get(preset, {}), **common,
+        model=dense_dir, output_dir=mod_dir, preset=preset, router_lr=settings.router_lr,
+        mod=DEMO_PRESET_SETTINGS.get(preset, {}), **extra,
     ))
     log.timed("train MoD", start)
 
@@ -194,31 +202,36 @@ def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = N
     from .retrofit import from_pretrained
 
     processor = AutoProcessor.from_pretrained(dense_dir)
-    results: dict[str, Any] = {"families": {}, "train": {"dense": dense.to_dict(), "mod": mod.to_dict()}}
-    start = time.perf_counter()
-    dense_model = AutoModelForImageTextToText.from_pretrained(dense_dir)
-    acc_dense = answer_accuracy(dense_model, processor, test, data_dir, "eval dense")
-    log.timed("eval dense", start)
-    start = time.perf_counter()
-    mod_model = from_pretrained(mod_dir)
-    acc_mod = answer_accuracy(mod_model, processor, test, data_dir, "eval MoD")
-    log.timed("eval MoD", start)
+    results: dict[str, Any] = {
+        "families": {}, "train": {"dense_base": dense.to_dict(), "dense": cont.to_dict(), "mod": mod.to_dict()},
+    }
+    acc: dict[str, dict[str, float]] = {}
+    for key, directory, label in (("dense_base", dense_dir, "base"), ("dense", cont_dir, "dense +"), ("mod", mod_dir, "MoD")):
+        start = time.perf_counter()
+        loaded = from_pretrained(directory) if key == "mod" else AutoModelForImageTextToText.from_pretrained(directory)
+        acc[key] = answer_accuracy(loaded, processor, test, data_dir, f"eval {label}")
+        log.timed(f"eval {label}", start)
+    mod_model = loaded
     _, batch = next(prompt_batches(processor, test, data_dir, batch_size=32))
     report = efficiency(mod_model, batch)
 
-    rows = [("family", "chance", "dense acc", f"MoD ({preset}) acc")]
-    for family, acc in acc_dense.items():
+    epochs = f"{settings.dense_epochs:g} + {settings.mod_epochs:g} ep"
+    rows = [("family", "chance", f"dense ({settings.dense_epochs:g} ep)", f"dense ({epochs})", f"MoD {preset} ({epochs})")]
+    for family in acc["dense"]:
         chance = meta["families"][family]["chance"]
-        results["families"][family] = {"chance": chance, "dense": acc, "mod": acc_mod[family]}
-        rows.append((family, f"{chance:.3f}", f"{acc:.3f}", f"{acc_mod[family]:.3f}"))
-    mean = {k: sum(acc.values()) / len(acc) for k, acc in (("dense", acc_dense), ("mod", acc_mod))}
-    mean_chance = sum(meta["families"][f]["chance"] for f in acc_dense) / len(acc_dense)
-    rows.append(("mean", f"{mean_chance:.3f}", f"{mean['dense']:.3f}", f"{mean['mod']:.3f}"))
-    rows.append(("prefill TFLOPs / sample", "", f"{report.mean(report.dense_tflops):.3e}", f"{report.mean(report.mod_tflops):.3e}"))
-    rows.append(("KV cache bytes / sample", "", f"{report.mean(report.dense_kv_bytes):.0f}", f"{report.mean(report.mod_kv_bytes):.0f}"))
-    rows.append(("train loss first -> last", "", _loss_range(dense), _loss_range(mod)))
-    rows.append(("train wall time s", "", f"{log.seconds['train dense']:.0f}", f"{log.seconds['train MoD']:.0f}"))
-    rows.append(("eval wall time s", "", f"{log.seconds['eval dense']:.1f}", f"{log.seconds['eval MoD']:.1f}"))
+        results["families"][family] = {"chance": chance, **{k: acc[k][family] for k in acc}}
+        rows.append((family, f"{chance:.3f}", *(f"{acc[k][family]:.3f}" for k in acc)))
+    mean = {k: sum(a.values()) / len(a) for k, a in acc.items()}
+    mean_chance = sum(meta["families"][f]["chance"] for f in acc["dense"]) / len(acc["dense"])
+    rows.append(("mean", f"{mean_chance:.3f}", *(f"{mean[k]:.3f}" for k in acc)))
+    dense_tflops, mod_tflops = report.mean(report.dense_tflops), report.mean(report.mod_tflops)
+    dense_kv, mod_kv = report.mean(report.dense_kv_bytes), report.mean(report.mod_kv_bytes)
+    rows.append(("prefill TFLOPs / sample", "", f"{dense_tflops:.3e}", f"{dense_tflops:.3e}", f"{mod_tflops:.3e}"))
+    rows.append(("KV cache bytes / sample", "", f"{dense_kv:.0f}", f"{dense_kv:.0f}", f"{mod_kv:.0f}"))
+    rows.append(("train loss first -> last", "", _loss_range(dense), _loss_range(cont), _loss_range(mod)))
+    seconds = log.seconds
+    rows.append(("train wall time s", "", f"{seconds['train dense']:.0f}", f"+{seconds['train dense +']:.0f}", f"+{seconds['train MoD']:.0f}"))
+    rows.append(("eval wall time s", "", *(f"{seconds['eval ' + n]:.1f}" for n in ("base", "dense +", "MoD"))))
     table = markdown_table(rows)
     print(f"held-out split: {len(test)} samples; MoD keeps {report.tflops_ratio:.3f} of the TFLOPs, {report.kv_ratio:.3f} of the KV cache")
     print(table)
@@ -229,7 +242,7 @@ def run(out: str = "runs/demo", seed: int = 0, settings: DemoSettings | None = N
     )
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plot(results, dense_dir, mod_dir, os.path.join(out, "demo.png"))
+    plot(results, dense_dir, cont_dir, mod_dir, os.path.join(out, "demo.png"))
     print(f"total {log.seconds['total']:.0f} s; results.json and demo.png in {out}")
     return 0
 
@@ -240,8 +253,9 @@ def _loss_range(result) -> str:
     return f"{result.first_loss:.2f} -> {result.last_loss:.2f}"
 
 
-def plot(results: dict[str, Any], dense_dir: str, mod_dir: str, path: str) -> None:
-    """Accuracy per family (dense, MoD, chance) and the two training-loss curves."""
+def plot(results: dict[str, Any], dense_dir: str, cont_dir: str, mod_dir: str, path: str) -> None:
+    """Accuracy per family (base, dense continued, MoD, chance) and the training-loss curves (the base
+    run, then the two arms from where it ended)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,18 +266,24 @@ def plot(results: dict[str, Any], dense_dir: str, mod_dir: str, path: str) -> No
     families = list(results["families"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     xs = range(len(families))
-    for offset, key, label in ((-0.2, "dense", "dense"), (0.2, "mod", "p-MoD")):
-        left.bar([x + offset for x in xs], [results["families"][f][key] for f in families], width=0.4, label=label)
+    bars = (("dense_base", "dense (base)"), ("dense", "dense, continued"), ("mod", "p-MoD fine-tune"))
+    for j, (key, label) in enumerate(bars):
+        left.bar([x + (j - 1) * 0.27 for x in xs], [results["families"][f][key] for f in families], width=0.27, label=label)
     left.scatter(list(xs), [results["families"][f]["chance"] for f in families], color="k", marker="_", s=400, label="chance")
     left.set_xticks(list(xs), families, rotation=30)
     left.set_ylabel("held-out accuracy")
-    left.legend()
-    offset = 0
-    for directory, label in ((dense_dir, "dense"), (mod_dir, "p-MoD fine-tune")):
+    left.legend(fontsize=8)
+
+    def losses(directory: str) -> list[dict[str, Any]]:
         with open(os.path.join(directory, LOG_NAME)) as f:
-            entries = [json.loads(line) for line in f if '"loss"' in line]
+            return [json.loads(line) for line in f if '"loss"' in line]
+
+    base = losses(dense_dir)
+    right.plot([e["step"] for e in base], [e["loss"] for e in base], label="dense (base)")
+    offset = base[-1]["step"] if base else 0
+    for directory, label in ((cont_dir, "dense, continued"), (mod_dir, "p-MoD fine-tune")):
+        entries = losses(directory)
         right.plot([offset + e["step"] for e in entries], [e["loss"] for e in entries], label=label)
-        offset += entries[-1]["step"] if entries else 0
     right.set_xlabel("step")
     right.set_ylabel("training loss")
     right.legend()

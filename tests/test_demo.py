@@ -28,10 +28,16 @@ def test_demo_pipeline_runs_end_to_end(tmp_path, capsys, preset):
     assert 0 < results["tflops_ratio"] < 1 and 0 < results["kv_ratio"] < 1
     expected = {"pmod": [1.0, 0.75, 0.25, 0.15], "gmod": [1.0, 0.5, 0.5, 0.5]}[preset]
     assert results["layer_ratios"] == pytest.approx(expected) and results["preset"] == preset
-    assert results["train"]["dense"]["global_step"] == 5 and results["train"]["mod"]["mod"]
+    train = results["train"]
+    assert train["dense_base"]["global_step"] == 5 and train["mod"]["mod"] and not train["dense"]["mod"]
+    # the fair arm: the dense model continued with the MoD arm's extra training (same steps, vision tower frozen)
+    assert train["dense"]["global_step"] == train["mod"]["global_step"] == 5
+    assert train["dense"]["trainable"]["frozen"] == train["mod"]["trainable"]["frozen"] > 0
+    assert set(results["mean"]) == {"dense_base", "dense", "mod"}
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     out = capsys.readouterr().out
-    assert f"| family | chance | dense acc | MoD ({preset}) acc |" in out and "max |logit difference|" in out
+    assert f"| family | chance | dense (1 ep) | dense (1 + 1 ep) | MoD {preset} (1 + 1 ep) |" in out
+    assert "max |logit difference|" in out
     logged = [json.loads(line) for line in (tmp_path / "mod" / "train_log.jsonl").read_text().splitlines()]
     # gamma-MoD's routing loss is added by the trainer and logged beside the LM loss; p-MoD has none
     assert any("routing_loss" in row for row in logged) == (preset == "gmod")
