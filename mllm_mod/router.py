@@ -49,6 +49,20 @@ class Router(nn.Module):
         with torch.autocast(device_type=weight.device.type, enabled=False):
             logits = F.linear(x, weight.float(), None if self.proj.bias is None else self.proj.bias.float())
         return logits.to(hidden_states.device)  # [B, T, C] float32
+def store_routers_as(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every router's parameters in `dtype`, deliberately bypassing the float32 guard of `Router._apply`.
+
+    For DeepSpeed bf16 only: its ZeRO partitions flatten the parameters of a group into one buffer of one dtype
+    (ZeRO-3 asserts it; ZeRO-2 silently re-types the routers) and keep the float32 master weights in the
+    optimizer. The router forward still computes in float32 from these weights (`Router.forward` upcasts),
+    so logits, weights, top-k and the routing loss stay float32; only the stored weights are rounded.
+    """
+    for module in model.modules():
+        if isinstance(module, Router):
+            for param in module.parameters():
+                param.data = param.data.to(dtype)
+
+
 def token_weights(logits: torch.Tensor, config: MoDConfig) -> torch.Tensor:
     """Weights ``w`` [B, T] from router logits [B, T, classes] (float32)."""
     if config.norm == "softmax":

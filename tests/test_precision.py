@@ -136,3 +136,24 @@ def test_a_bf16_autocast_training_step_trains_the_routers(preset):
     optimizer.step()
     after = mod_state_dict(model)
     assert all(after[k].dtype == torch.float32 and not torch.equal(after[k], before[k]) for k in before)
+
+
+def test_routers_stored_in_bf16_for_deepspeed_still_route_in_float32():
+    """DeepSpeed bf16 stores every parameter in bf16 (`store_routers_as`); the router forward upcasts them."""
+    from mllm_mod.router import store_routers_as
+
+    model, processor = build("llava", "sdpa")
+    mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=0.5, layers=[0, 1, 2, 3], skip_layers=None)
+    trained_like(model)
+    store_routers_as(model, torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in mod_state_dict(model).values())
+    _, records, layer_inputs = records_and_inputs(model, make_inputs(processor), torch.bfloat16)
+    for record in records:
+        layer = model.model.language_model.layers[record.layer_idx]
+        assert record.logits.dtype == torch.float32
+        weight, bias = (p.float() for p in (layer.router.proj.weight, layer.router.proj.bias))
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(layer_inputs[record.layer_idx].float(), weight, bias)
+        torch.testing.assert_close(record.logits, logits, atol=1e-6, rtol=1e-6)
+        keep = topk_per_sample(token_weights(logits, layer.mod_config), record.candidates, layer.ratio)
+        assert torch.equal(record.keep, keep), record.layer_idx

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..compat import checkpointing_arguments
 from ..retrofit import is_retrofitted, retrofit
+from ..router import store_routers_as
 from .checkpoint import is_mod_checkpoint, load_pretrained, resolve_model
 from .config import TrainConfig
 from .params import set_trainable
@@ -117,6 +118,8 @@ def load_model(config: TrainConfig, bf16: bool) -> nn.Module:
     model = load_pretrained(base, adapter, **kwargs)
     if config.preset is not None:
         retrofit(model, config.preset, **config.mod)
+    if bf16 and config.deepspeed and is_retrofitted(model):
+        store_routers_as(model, torch.bfloat16)  # DeepSpeed's ZeRO buffers take one dtype; routing stays float32
     return model
 
 
