@@ -343,7 +343,7 @@ def test_full_checkpoint_as_mod_dense_or_baseline(tmp_path):
     torch.testing.assert_close(mllm_mod.mod_state_dict(full), mllm_mod.mod_state_dict(model))
     dense, _ = load_model(str(tmp_path), dense=True)
     assert not is_retrofitted(dense)
-    fastv, _ = load_model(str(tmp_path), baseline=DropSpec("fastv", layer=2, ratio=0.5))
+    fastv, _ = load_model(str(tmp_path), baseline=DropSpec("fastv", prune_layer=2, prune_ratio=0.5))
     assert mllm_mod.layer_ratios(fastv) == [1.0, 1.0, 0.5, 0.5] and fastv.mod_state.config.preset == "fastv"
     with pytest.raises(ValueError, match="already a MoD checkpoint"):
         load_model(str(tmp_path), preset="pmod")
@@ -429,3 +429,153 @@ def test_two_process_launch(setup, tmp_path):
         with open(tmp_path / f"eff.rank{rank}.json") as f:
             samples.append(json.load(f)["summary"]["samples"])
     assert all(n > 0 for n in samples) and sum(samples) == N_DOCS + N_DOCS * 6
+
+
+# -- timing, stop strings, continuation lengths, baselines through the plugin ---------------------------
+def stats_and_forwards(model) -> tuple[list, list]:
+    """Hooks that note, per top-level forward, one entry in `forwards`, and per decoder layer call whether
+    it was asked to collect `LayerStats` (the host syncs only MoD layers pay)."""
+    from mllm_mod.adapters import adapter_for
+
+    forwards, stats = [], []
+    model.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    for layer in adapter_for(model).layers(model):
+        layer.register_forward_pre_hook(
+            lambda m, a, k: stats.append(getattr(k.get("mod_routing"), "stats", None) is not None), with_kwargs=True
+        )
+    return forwards, stats
+
+
+@pytest.mark.parametrize("variant", [{"dense": True}, {"preset": "pmod"}, {"preset": "fastv"}])
+def test_timed_forwards_collect_no_stats_and_every_variant_warms_up(setup, variant):
+    """Dense and MoD variants pay the same overheads: no forward collects per-layer statistics (their
+    host syncs would be timed for MoD only), and each variant's first scoring and first generation call
+    is preceded by the same untimed warm-up (one forward; a prefill and one decoding step), not only the
+    first variant of a run. FLOPs and KV bytes still come out (read from the cache afterwards)."""
+    from conftest import make_images
+
+    from mllm_mod.eval.lmms_plugin import MoDLMM
+
+    lm = MoDLMM(pretrained=setup["base"], dtype="float32", batch_size=2, max_new_tokens=3, **variant)
+    forwards, stats = stats_and_forwards(lm.model)
+    images = make_images()[:2]
+    prompts = [lm.prompt(q, [im]) for q, im in zip(("what color is it ?", "how many ?"), images)]
+    counts = []
+    for _ in range(2):
+        forwards.clear()
+        lm.score_batch(prompts, [" red", " two"], images)
+        counts.append(len(forwards))
+    gen = {"max_new_tokens": 3, "min_new_tokens": 3}
+    for _ in range(2):
+        forwards.clear()
+        lm.generate_batch(prompts, images, gen)
+        counts.append(len(forwards))
+    assert counts == [2, 1, 2 + 3, 3]  # warm-up + timed, then timed only
+    assert stats and not any(stats)
+    summary = lm.meter.summary()
+    assert summary["samples"] == 8 and summary["prefill_tflops_per_sample"] > 0 and summary["kv_bytes_per_sample"] > 0
+
+
+def test_fastv_options_of_a_question_share_the_kept_set(setup):
+    """Loglikelihood through the plugin: FastV ranks by each row's last prompt token, so every option keeps
+    the vision tokens that generating from the prompt keeps (it used to rank by each option's last token)."""
+    from conftest import make_images
+
+    from mllm_mod.eval.lmms_plugin import MoDLMM
+    from mllm_mod.retrofit import mod_layer_map
+
+    lm = MoDLMM(pretrained=setup["base"], preset="fastv", dtype="float32", batch_size=4, max_new_tokens=1)
+    decision = next(iter(mod_layer_map(lm.model).values())).router.decision
+    kept_rows: list[list[list[int]]] = []
+
+    def note(module, args, kwargs, output):  # kept vision positions per row, counted from its first real token
+        if decision.logits is None:
+            return
+        ids = kwargs["input_ids"]  # [B, T]
+        mask = kwargs.get("attention_mask")  # generate leaves it out for one unpadded prompt
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()  # [B, T]
+        vision = (ids == module.config.image_token_id) & real  # [B, T]
+        kept = vision & (decision.logits[..., 0] == 0)  # [B, T]
+        first = real.long().argmax(dim=1)  # [B]
+        kept_rows.append([(row.nonzero()[:, 0] - f).tolist() for row, f in zip(kept, first)])
+
+    lm.model.register_forward_hook(note, with_kwargs=True)
+    image = make_images()[0]
+    prompt = lm.prompt("what color is the object ?", [image])
+    options = [" red", " blue", " a green square", " no"]
+    lm.generate_batch([prompt], [image], {"max_new_tokens": 1})
+    prompt_kept = kept_rows[-1][0]
+    lm.score_batch([prompt] * len(options), options, [image] * len(options))
+    assert kept_rows[-1] == [prompt_kept] * len(options)
+
+
+def test_stop_strings_that_are_special_tokens_match(setup):
+    """`until` strings such as ``<|im_end|>`` and ``</s>`` are special tokens: generation stops on them and
+    the text is cut there (they used to be decoded away before matching, so the text ran on)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from mllm_mod.eval.lmms_plugin import StopOnStrings
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["base"])
+    tokenizer.add_tokens([AddedToken("<|im_end|>", special=True)], special_tokens=True)
+    words = tokenizer("red square", add_special_tokens=False).input_ids
+    after = tokenizer("blue circle", add_special_tokens=False).input_ids
+    for stop in ("<|im_end|>", "</s>"):
+        stop_id = tokenizer.convert_tokens_to_ids(stop)
+        ids = torch.tensor([words + [stop_id] + after, words + after + after[:1]])  # [2, N]
+        assert StopOnStrings(tokenizer, [stop], 0)(ids, None).tolist() == [True, False]
+        from mllm_mod.eval.lmms_plugin import decode_until
+
+        plain = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        cut = decode_until(tokenizer, ids, [stop])
+        assert cut[0].strip() == tokenizer.decode(words).strip() and cut[1] == plain[1]
+
+
+def bpe_tokenizer(kind: str):
+    """A small BPE tokenizer trained here (no download): GPT-2-style byte level, or Llama-style
+    SentencePiece (metaspace: a ``▁`` prepended to every word, and a BOS token before every text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if kind == "byte_level":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder, alphabet = decoders.Metaspace(replacement="▁", prepend_scheme="always"), []
+    corpus = [f"Question: what colour is the {s}? Answer: {c}" for s in ("square", "circle") for c in ("red", "blue")]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>"], initial_alphabet=alphabet)
+    tok.train_from_iterator(corpus * 50, trainer)
+    if kind == "metaspace":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+
+
+@pytest.mark.parametrize(
+    ("kind", "context", "continuation"),
+    [
+        ("byte_level", "Question: what colour is the square? Answer: ", "red"),  # " " + "red" merge into " red"
+        ("metaspace", "Question: what colour is the square? Answer:", " red"),  # " red" alone is "<s>", "▁red"
+    ],
+)
+def test_continuation_length_counts_tokens_after_the_context(kind, context, continuation):
+    """The continuation is what lmms-eval / lm-eval score: context + continuation tokenized together, the
+    tokens after the context's own (the context's trailing space moved to the continuation). With BPE the
+    merges cross the boundary, so tokenizing the continuation (or the context with its trailing space)
+    separately gives other tokens."""
+    from mllm_mod.eval.lmms_plugin import continuation_lengths
+
+    tok = bpe_tokenizer(kind)
+    whole = tok(context + continuation).input_ids
+    head = tok(context.rstrip()).input_ids
+    assert whole[: len(head)] == head  # the context's tokens begin the whole text
+    expected = whole[len(head) :]
+    assert tok.decode(expected).strip() == "red" and len(expected) == 1
+    assert continuation_lengths(tok, [context], [continuation]) == [len(expected)]
+    alone = tok(continuation).input_ids
+    assert alone != expected  # tokenized alone: another token ("red" without its space) or two ("<s>", "▁red")
+    assert len(whole) - len(tok(context).input_ids) != len(expected) or kind == "metaspace"

@@ -18,6 +18,16 @@ SUITE_CHOICES = (*SYNTHETIC_SUITES, *SUITES, STREAMING)
 COMPARE_CHOICES = ("dense", *sorted(PRESETS), *BASELINES)
 
 
+class Renamed(argparse.Action):
+    """Refuses the old ``--keep-ratio`` (the fraction kept) and says what to write instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(
+            f"{option_string} is no longer accepted (it meant the fraction of vision tokens kept): use --prune-ratio R, "
+            f"FastV's fraction pruned ({option_string} {values:g} is --prune-ratio {1 - values:g})"
+        )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a checkpoint on a benchmark suite through lmms-eval")
     p.add_argument("checkpoint", help="a full MoD checkpoint or a base model directory")
@@ -32,16 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compare", choices=COMPARE_CHOICES, action="append", default=[],
         help="also evaluate the same weights dense, retrofitted with a MoD preset, or with a baseline at the same "
-        "--prune-layer/--keep-ratio (repeatable)",
+        "--prune-layer/--prune-ratio (repeatable)",
     )  # fmt: skip
     p.add_argument(
         "--compare-checkpoint", action="append", default=[], metavar="DIR",
         help="also evaluate another checkpoint (e.g. a gmod and a pmod fine-tune side by side; repeatable)",
     )  # fmt: skip
     p.add_argument(
-        "--prune-layer", type=int, default=2, help="baselines: layers from K on see the kept vision tokens only"
+        "--prune-layer", type=int, default=2, help="baselines (FastV's K): layers from K on see the kept vision tokens"
     )
-    p.add_argument("--keep-ratio", type=float, default=0.5, help="baselines: fraction R of the vision tokens kept")
+    p.add_argument(
+        "--prune-ratio", type=float, default=0.5, help="baselines (FastV's R): fraction of the vision tokens pruned"
+    )
+    p.add_argument("--keep-ratio", type=float, action=Renamed, help=argparse.SUPPRESS)
     p.add_argument("--limit", type=float, help="samples per task (a fraction if < 1), for smoke runs")
     p.add_argument("--data-root", help="directory of datasets.save_to_disk mirrors, one per task")
     p.add_argument("--skip-missing", action="store_true", help="run the tasks whose data is available")
@@ -71,7 +84,7 @@ def specs_from_args(args: argparse.Namespace) -> list:
     for key in ("max_new_tokens", "num_frames"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
-    budget = {"prune_layer": args.prune_layer, "keep_ratio": args.keep_ratio}
+    budget = {"prune_layer": args.prune_layer, "prune_ratio": args.prune_ratio}
     main = {**common, "mod": args.mod, "preset": args.preset, **(budget if args.preset in BASELINES else {})}
     name = "mod" if args.mod else (args.preset or os.path.basename(os.path.normpath(args.checkpoint)))
     specs = [ModelSpec(name, main)]

@@ -12,7 +12,8 @@ Model args (``--model_args k=v,...``; every value may arrive as a string):
     mod         a MoD adapter directory (``mllm_mod.save_mod``) loaded onto the base model
     preset      retrofit on the fly: a MoD preset (``pmod``, ``gmod``, ``videomod``; initial routers) or a
                 training-free baseline (``fastv``, ``random``; see `mllm_mod.eval.baselines`)
-    prune_layer, keep_ratio   the baselines' K (default 2) and R (default 0.5)
+    prune_layer, prune_ratio  the baselines' K (default 2) and R, the fraction of vision tokens pruned
+                (FastV's names; default 0.5). ``keep_ratio`` is refused (it meant the fraction kept).
     dense       ``true``: the same code path without MoD (a full checkpoint is unloaded, mod/preset ignored)
     dtype, attn_implementation, device, batch_size, max_new_tokens
     num_frames  frames sampled uniformly from each clip a task gives as a video file (default 8)
@@ -49,8 +50,8 @@ from PIL import Image
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ..compat import output_cache
-from .baselines import BASELINES, DropSpec
-from .meter import FirstStepTimer, Meter, prefill_flops, prompt_kv_bytes, record_prefill, synchronize
+from .baselines import BASELINES, RENAMED, DropSpec, ranking_at
+from .meter import FirstStepTimer, Meter, prefill_flops, prompt_kv_bytes, prompt_tokens_per_layer, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -195,16 +196,54 @@ def cut_at(text: str, until: Sequence[str]) -> str:
     return text[:cut]
 
 
+def special_tokens(tokenizer) -> list[str]:
+    """Every special token's text (BOS/EOS/PAD, chat markers such as ``<|im_end|>``, image placeholders)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    return sorted(set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
+
+
+def decode_until(tokenizer, ids: torch.Tensor, until: Sequence[str]) -> list[str]:
+    """Texts of generated ids [B, N], each cut at its first stop string. A stop string that is a special
+    token (``<|im_end|>``, ``</s>``) is one atomic token, so it is matched on the ids and the row is cut
+    there; the rest is decoded without special tokens (padding, markers) and cut at the other stop
+    strings. (Decoding without special tokens first would never see them: the text ran on.)"""
+    specials = set(special_tokens(tokenizer))
+    stop_ids = {tokenizer.convert_tokens_to_ids(s) for s in until if s in specials}
+    out = []
+    for row in ids.tolist():
+        end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+        out.append(cut_at(tokenizer.decode(row[:end], skip_special_tokens=True), until))
+    return out
+
+
 class StopOnStrings(StoppingCriteria):
-    """Per-row stop once the generated text contains one of `until`."""
+    """Per-row stop once the generated text, special tokens included, contains one of `until`."""
 
     def __init__(self, tokenizer, until: Sequence[str], prompt_len: int) -> None:
         self.tokenizer, self.until, self.prompt_len = tokenizer, [s for s in until if s], prompt_len
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)  # B strings
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=False)  # B strings
         done = [any(s in text for s in self.until) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # [B]
+
+
+def continuation_lengths(tokenizer, contexts: Sequence[str], continuations: Sequence[str]) -> list[int]:
+    """Tokens of each continuation, counted as lm-eval / lmms-eval do: trailing whitespace of the context
+    moves to the continuation, context + continuation is tokenized as one text, and the continuation is
+    the tokens after the context's own. (Tokenizing the continuation alone is wrong with BPE and
+    SentencePiece: merges cross the boundary, e.g. ``": "`` + ``"A"`` -> ``":"``, ``" A"``.) Images expand
+    inside the context, so the plain tokenizer gives the continuation's length."""
+    out = []
+    for context, continuation in zip(contexts, continuations):
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        n = len(tokenizer(context + continuation).input_ids) - len(tokenizer(context).input_ids)
+        if n < 1:
+            raise ValueError(f"continuation {continuation!r} adds no tokens to its context")
+        out.append(n)
+    return out
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -219,7 +258,7 @@ class MoDLMM(lmms):
         mod: str | None = None,
         preset: str | None = None,
         prune_layer: int | str = 2,
-        keep_ratio: float | str = 0.5,
+        prune_ratio: float | str = 0.5,
         dense: bool | str = False,
         dtype: str | torch.dtype | None = "auto",
         attn_implementation: str | None = None,
@@ -232,6 +271,9 @@ class MoDLMM(lmms):
         **unknown: Any,
     ) -> None:
         super().__init__()
+        for name in unknown:
+            if name in RENAMED:
+                raise TypeError(f"model arg {name}= is not accepted (it was ambiguous); use {RENAMED[name]}")
         if unknown:
             raise TypeError(f"unknown mllm_mod model args: {sorted(unknown)}")
         from accelerate import Accelerator
@@ -251,7 +293,7 @@ class MoDLMM(lmms):
         self.dense = as_bool(dense, "dense")
         baseline = None
         if preset in BASELINES:
-            baseline, preset = DropSpec(str(preset), int(prune_layer), float(keep_ratio)), None
+            baseline, preset = DropSpec(str(preset), int(prune_layer), float(prune_ratio)), None
         self.model, self.processor = load_model(
             str(pretrained),
             mod or None,
@@ -266,6 +308,7 @@ class MoDLMM(lmms):
         self.tokenizer.padding_side = "left"  # batched generation; loglikelihood scores the right end
         self.pretrained = pretrained
         self.meter = Meter()
+        self.warmed: set[str] = set()  # kinds of timed call ("generate", "score") already warmed up
         self.efficiency_out = efficiency_out
 
     # lmms-eval reads these
@@ -367,38 +410,56 @@ class MoDLMM(lmms):
             bar.close()
         return out
 
+    def warm_up(self, kind: str, call: Callable[[], Any]) -> None:
+        """Run `call` once, untimed, before the first timed call of `kind`: every variant pays its warm-up
+        (kernel selection, allocator growth, lazy initialisation) outside the measurement, not only the
+        first variant of a run."""
+        if kind in self.warmed:
+            return
+        call()
+        synchronize(self._device)
+        self.warmed.add(kind)
+
     @torch.inference_mode()
     def generate_batch(self, prompts: list[str], images: list[Visual], gen_kwargs: dict[str, Any]) -> list[str]:
         """One left-padded batch through ``generate``; each text is cut at the first `until` string."""
         gen, until = generation_kwargs(gen_kwargs, self.max_new_tokens)
         inputs = self.encode(prompts, images)
         prompt_len = inputs["input_ids"].shape[1]
+        pad = self.tokenizer.pad_token_id
+        steps = min(2, gen["max_new_tokens"])  # the warm-up runs a prefill and a decoding step
+        short = {**gen, "max_new_tokens": steps, "min_new_tokens": steps}
+        self.warm_up("generate", lambda: self.model.generate(**inputs, **short, pad_token_id=pad))
         timer = FirstStepTimer(self._device)
         stops = StoppingCriteriaList([StopOnStrings(self.tokenizer, until, prompt_len)] if until else [])
         synchronize(self._device)
         start = time.perf_counter()
-        with record_prefill(self.model) as stats:
-            out = self.model.generate(
-                **inputs,
-                **gen,
-                logits_processor=LogitsProcessorList([timer]),
-                stopping_criteria=stops,
-                pad_token_id=self.tokenizer.pad_token_id,
-                return_dict_in_generate=True,
-            )
+        out = self.model.generate(
+            **inputs,
+            **gen,
+            logits_processor=LogitsProcessorList([timer]),
+            stopping_criteria=stops,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+        )
         synchronize(self._device)
         end = time.perf_counter()
         new = out.sequences[:, prompt_len:]  # [B, N]
         first = timer.first if timer.first is not None else end
-        generated = (new != self.tokenizer.pad_token_id).sum(dim=1).tolist()  # [B]
+        generated = (new != pad).sum(dim=1).tolist()  # [B]
         self.meter.add_prefill(len(prompts), first - start)
         self.meter.add_decode(end - first, generated)
-        cache = output_cache(out)
-        if cache is not None:
-            self.meter.add_kv(prompt_kv_bytes(cache, inputs["attention_mask"]))
-        self.meter.add_flops(prefill_flops(self.model, inputs, stats))
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return [cut_at(t, until) for t in texts]
+        self.add_prompt_costs(inputs, output_cache(out))
+        return decode_until(self.tokenizer, new, until)
+
+    def add_prompt_costs(self, inputs: dict[str, torch.Tensor], cache: Any) -> None:
+        """Prompt KV bytes and prefill FLOPs of a batch, from the cache its timed forward filled (read after
+        the timing); without one (``use_cache=False`` in a task's generation kwargs) an untimed prefill fills one."""
+        if cache is None:
+            cache = output_cache(self.model(**inputs, use_cache=True))
+        tokens = prompt_tokens_per_layer(cache, inputs["attention_mask"])  # [L] x [B]
+        self.meter.add_kv(prompt_kv_bytes(cache, tokens))
+        self.meter.add_flops(prefill_flops(self.model, inputs, tokens))
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """args: (context, continuation, doc_to_visual, doc_id, task, split). Returns, per request, the
@@ -429,30 +490,28 @@ class MoDLMM(lmms):
     def score_batch(
         self, prompts: list[str], continuations: list[str], images: list[Visual]
     ) -> list[tuple[float, bool]]:
-        """(NLL, is_greedy) of each continuation after its prompt."""
-        lengths = []
-        for prompt, cont in zip(prompts, continuations):
-            # images expand inside the prompt, so the continuation's length is the plain tokenizer's
-            n = len(self.tokenizer(prompt + cont).input_ids) - len(self.tokenizer(prompt).input_ids)
-            if n < 1:
-                raise ValueError(f"continuation {cont!r} adds no tokens to its prompt")
-            lengths.append(n)
+        """(NLL, is_greedy) of each continuation after its prompt. A token-dropping baseline ranks the vision
+        tokens by each row's last prompt token, so every option of a question sees the same kept set."""
+        lengths = continuation_lengths(self.tokenizer, prompts, continuations)  # [B]
         inputs = self.encode([p + c for p, c in zip(prompts, continuations)], images)
-        synchronize(self._device)
-        start = time.perf_counter()
-        with record_prefill(self.model) as stats:
-            logits = self.model(**inputs, use_cache=False).logits  # [B, T, V]
-        synchronize(self._device)
+        length = inputs["input_ids"].shape[1]
+        last_prompt = [length - 1 - n for n in lengths]  # [B] left padding: the continuation ends every row
+        with ranking_at(self.model, last_prompt):
+            self.warm_up("score", lambda: self.model(**inputs, use_cache=True))
+            synchronize(self._device)
+            start = time.perf_counter()
+            out = self.model(**inputs, use_cache=True)  # the cache tells which tokens each layer processed
+            synchronize(self._device)
         self.meter.add_prefill(len(prompts), time.perf_counter() - start)
-        self.meter.add_flops(prefill_flops(self.model, inputs, stats))
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]: predicts tokens 1..T-1
+        self.add_prompt_costs(inputs, output_cache(out))
+        logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # [B, T-1, V]: predicts tokens 1..T-1
         targets = inputs["input_ids"][:, 1:]  # [B, T-1]
-        out = []
+        scores = []
         for b, n in enumerate(lengths):  # left padding: the continuation is the last n tokens of every row
             tok_logp = logp[b, -n:].gather(1, targets[b, -n:, None])[:, 0]  # [n]
             greedy = bool((logp[b, -n:].argmax(dim=-1) == targets[b, -n:]).all())
-            out.append((float(-tok_logp.sum()), greedy))
-        return out
+            scores.append((float(-tok_logp.sum()), greedy))
+        return scores
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         """args: (context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split). After each round

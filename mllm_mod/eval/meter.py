@@ -2,16 +2,19 @@
 KV-cache bytes of the prompt, and prefill FLOPs per sample from the core's accounting applied to the
 tokens each layer processed in that very forward.
 
+The timed forwards collect nothing: the tokens each layer processed are read afterwards from the KV cache
+the forward filled (a MoD layer's compact cache holds exactly its kept prompt tokens; a dense layer
+processed every real one), so dense and MoD variants pay the same overheads (no per-layer statistics
+and their host synchronisations inside the timed region).
+
 No lmms-eval import: the plugin fills a `Meter`, the report reads its `summary()`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -93,77 +96,64 @@ class FirstStepTimer(LogitsProcessor):
         return scores
 
 
-def prompt_kv_bytes(cache, attention_mask: torch.Tensor) -> list[int]:
-    """K/V bytes the prompt of each sample holds in `cache` after generation, padding excluded.
-
-    attention_mask [B, T]: the prompt's padding mask. Dense layers hold every real prompt token; a MoD
-    layer (`MoDCacheLayer`) holds only its kept entries, recognised by their original index < T.
-    """
+def prompt_tokens_per_layer(cache, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per decoder layer, the prompt tokens of each sample it processed ([B] on the CPU), read from the
+    `cache` its prefill filled. attention_mask [B, T]: the prompt's padding mask. A dense layer processed
+    every real prompt token; a MoD layer (`MoDCacheLayer`) only its kept entries, recognised by their
+    original index < T (entries of later decoding steps are not the prompt's)."""
     from ..cache import MoDCacheLayer
 
     prompt_len = attention_mask.shape[1]
     real = attention_mask.bool().sum(dim=1).cpu()  # [B]
-    total = torch.zeros_like(real)
+    out = []
     for layer in cache.layers:
-        keys = layer.keys  # [B, Hkv, S, hd]
-        per_entry = 2 * keys.shape[1] * keys.shape[-1] * keys.element_size()  # K and V of one token
         if isinstance(layer, MoDCacheLayer):
-            entries = (layer.valid & (layer.index < prompt_len)).sum(dim=1).cpu()  # [B]
+            out.append((layer.valid & (layer.index < prompt_len)).sum(dim=1).cpu())  # [B]
         else:
-            entries = real
-        total += entries * per_entry
+            out.append(real)
+    return out
+
+
+def prompt_kv_bytes(cache, tokens_per_layer: Sequence[torch.Tensor]) -> list[int]:
+    """K/V bytes the prompt of each sample holds in `cache`, padding excluded: each layer's entries
+    (`prompt_tokens_per_layer`) times the bytes of one entry's K and V."""
+    total = torch.zeros_like(tokens_per_layer[0])  # [B]
+    for layer, entries in zip(cache.layers, tokens_per_layer):
+        keys = layer.keys  # [B, Hkv, S, hd]
+        total += entries * (2 * keys.shape[1] * keys.shape[-1] * keys.element_size())  # K and V of one token
     return [int(x) for x in total]
 
 
-@contextlib.contextmanager
-def record_prefill(model: nn.Module) -> Iterator[list]:
-    """Collect the `LayerStats` of the next forward of `model` (the prefill of a `generate` call, or a
-    scoring forward): tokens each MoD layer actually processed, per sample. Empty for a model without
-    MoD layers (every layer processes every token)."""
-    from ..retrofit import is_retrofitted
-
-    stats: list = []
-    if not is_retrofitted(model):
-        yield stats
-        return
-    armed = [True]
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        ctx = kwargs.get("mod_routing")  # set by the core's routing pre-hook, which runs first
-        if armed[0] and ctx is not None:
-            ctx.stats, armed[0] = stats, False
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield stats
-    finally:
-        handle.remove()
-
-
-def prefill_flops(model: nn.Module, inputs: dict[str, torch.Tensor], stats: Sequence = ()) -> list[float]:
+def prefill_flops(
+    model: nn.Module, inputs: dict[str, torch.Tensor], tokens_per_layer: Sequence[torch.Tensor]
+) -> list[float]:
     """Decoder prefill FLOPs of each sample of a batch from the core's accounting (`mllm_mod.flops`): the
     sample's real text and vision token counts, and per layer the tokens measured in that forward
-    (`stats` from `record_prefill`; layers without stats processed every real token)."""
+    (`prompt_tokens_per_layer`)."""
     from ..adapters import adapter_for
     from ..flops import DecoderShape, prefill_cost
     from ..layer import MoDLayer
 
     adapter = adapter_for(model)
     layers = adapter.layers(model)
+    if len(tokens_per_layer) != len(layers):
+        raise ValueError(f"token counts of {len(tokens_per_layer)} layers for a decoder of {len(layers)}")
     shape = DecoderShape.from_config(adapter.text_config(model.config))
     ids = inputs["input_ids"]  # [B, T]
     real = inputs["attention_mask"].bool()  # [B, T]
     vision_ids = torch.tensor(adapter.vision_token_ids(model.config), device=ids.device)
     n_vision = (torch.isin(ids, vision_ids) & real).sum(dim=1).tolist()  # [B]
     n_tokens = real.sum(dim=1).tolist()  # [B]
-    kept = {s.layer_idx: s.kept.tolist() for s in stats}  # layer -> [B]
+    per_layer = [t.tolist() for t in tokens_per_layer]  # [L][B]
     ratios = [layer.ratio if isinstance(layer, MoDLayer) else 1.0 for layer in layers]
     routed = [isinstance(layer, MoDLayer) and any(n > 0 for n in n_vision) for layer in layers]
     state = getattr(model, "mod_state", None)
     width = 2 if state is not None and state.config.router == "shared" else 1  # gamma-MoD's 2-way router
     out = []
     for b, (total, vision) in enumerate(zip(n_tokens, n_vision)):
-        tokens = [kept[i][b] if i in kept else total for i in range(len(layers))]
-        cost = prefill_cost(shape, ratios, total - vision, vision, mod_layers=routed, tokens_per_layer=tokens, router_outputs=width)
+        tokens = [layer[b] for layer in per_layer]
+        cost = prefill_cost(
+            shape, ratios, total - vision, vision, mod_layers=routed, tokens_per_layer=tokens, router_outputs=width
+        )
         out.append(float(cost.decoder_flops))
     return out

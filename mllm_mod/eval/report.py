@@ -1,5 +1,9 @@
 """The evaluation report: per model every task's metric, the average, and the efficiency measured in the
-same run; written as ``results.json``, ``report.md`` and ``report.png`` (accuracy vs prefill TFLOPs)."""
+same run; written as ``results.json``, ``report.md`` and ``report.png`` (accuracy vs prefill TFLOPs).
+
+Benchmarks report on different scales (accuracies 0-1, GPT scores 0-100, MME perception 0-2000), so the
+table, the average and the plot put every metric on 0-100 first, as the papers do (`SuiteTask.to_percent`);
+``results.json`` keeps the raw values beside them."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tables import markdown_table
+from .suites import SuiteTask
 
 EFFICIENCY_COLUMNS = (  # (Meter.summary() key, column title, scale, format)
     ("prefill_tflops_per_sample", "prefill TFLOPs/sample", 1.0, "{:.4g}"),
@@ -23,15 +28,31 @@ EFFICIENCY_COLUMNS = (  # (Meter.summary() key, column title, scale, format)
 @dataclass
 class ModelResult:
     name: str
-    scores: dict[str, float | None]  # task -> metric value (None: not produced)
-    metrics: dict[str, str]  # task -> metric name
+    tasks: tuple[SuiteTask, ...]  # the suite's entries, in report order
+    scores: dict[str, float | None]  # task -> raw metric value as lmms-eval reports it (None: not produced)
     efficiency: dict[str, Any] = field(default_factory=dict)  # `Meter.summary()`
     model_args: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def percent(self) -> dict[str, float | None]:
+        """Each task's metric on the 0-100 scale."""
+        return {
+            t.task: None if self.scores.get(t.task) is None else t.to_percent(self.scores[t.task]) for t in self.tasks
+        }
+
+    @property
     def average(self) -> float | None:
-        values = [v for v in self.scores.values() if v is not None]
-        return sum(values) / len(values) if values and len(values) == len(self.scores) else None
+        """Mean of the 0-100 scores; None unless every task produced one."""
+        values = [v for v in self.percent.values() if v is not None]
+        return sum(values) / len(values) if values and len(values) == len(self.tasks) else None
+
+    @property
+    def label(self) -> str:
+        """The name, with a token-dropping baseline's K and R (FastV's names: R is the fraction pruned)."""
+        args = self.model_args
+        if "prune_layer" in args and "prune_ratio" in args:
+            return f"{self.name} (K={args['prune_layer']}, R={float(args['prune_ratio']):g})"
+        return self.name
 
 
 def _fmt(value: Any, scale: float = 1.0, pattern: str = "{:.4g}") -> str:
@@ -40,16 +61,29 @@ def _fmt(value: Any, scale: float = 1.0, pattern: str = "{:.4g}") -> str:
     return pattern.format(value * scale)
 
 
+def scale_rule(tasks: tuple[SuiteTask, ...]) -> str:
+    """One sentence: how each metric was put on 0-100."""
+    rules: dict[str, list[str]] = {}
+    for t in tasks:
+        names = rules.setdefault(t.rule, [])
+        if f"`{t.metric}`" not in names:
+            names.append(f"`{t.metric}`")
+    parts = [f"{', '.join(names)} {rule}" for rule, names in rules.items()]
+    return "Scores on a 0-100 scale (average = their mean): " + "; ".join(parts) + ". Raw values in results.json."
+
+
 def markdown(results: list[ModelResult], meta: dict[str, Any] | None = None) -> str:
-    """One row per model: every task's metric, the average, the efficiency measured in the same run."""
-    tasks = list(results[0].scores)
-    head = ["model", *[f"{t} ({results[0].metrics[t]})" for t in tasks], "average", *[c[1] for c in EFFICIENCY_COLUMNS]]
+    """One row per model: every task's metric on 0-100, the average, the efficiency measured in the same run;
+    the scaling rule and the run under the table."""
+    tasks = results[0].tasks
+    head = ["model", *[f"{t.task} ({t.metric})" for t in tasks], "average", *[c[1] for c in EFFICIENCY_COLUMNS]]
     rows = [head]
     for r in results:
-        cells = [r.name, *[_fmt(r.scores[t]) for t in tasks], _fmt(r.average)]
+        percent = r.percent
+        cells = [r.label, *[_fmt(percent[t.task], pattern="{:.1f}") for t in tasks], _fmt(r.average, pattern="{:.1f}")]
         cells += [_fmt(r.efficiency.get(key), scale, pattern) for key, _, scale, pattern in EFFICIENCY_COLUMNS]
         rows.append(cells)
-    lines = [markdown_table(rows)]
+    lines = [markdown_table(rows), "", scale_rule(tasks)]
     if meta:
         limit = f", limit {meta['limit']} per task" if meta.get("limit") else ""
         lines += [
@@ -60,8 +94,8 @@ def markdown(results: list[ModelResult], meta: dict[str, Any] | None = None) -> 
 
 
 def plot(results: list[ModelResult], path: str | os.PathLike) -> None:
-    """Average score vs prefill TFLOPs per sample, one point per model (models lacking either are listed
-    in the title)."""
+    """Average 0-100 score vs prefill TFLOPs per sample, one point per model (models lacking either are
+    listed in the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,12 +106,12 @@ def plot(results: list[ModelResult], path: str | os.PathLike) -> None:
     for r in results:
         x, y = r.efficiency.get("prefill_tflops_per_sample"), r.average
         if x is None or y is None:
-            skipped.append(r.name)
+            skipped.append(r.label)
             continue
         ax.scatter([x], [y])
-        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4))
+        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("prefill TFLOPs / sample")
-    ax.set_ylabel("average score")
+    ax.set_ylabel("average score (0-100)")
     ax.set_title("accuracy vs compute" + (f" (no data: {', '.join(skipped)})" if skipped else ""), fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -91,7 +125,8 @@ def write_report(results: list[ModelResult], out: str | os.PathLike, meta: dict[
         raise ValueError("no model results to report")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta or {}, "models": [{**asdict(r), "average": r.average} for r in results]}
+    models = [{**asdict(r), "scores_0_100": r.percent, "average": r.average, "label": r.label} for r in results]
+    payload = {"meta": meta or {}, "scale_rule": scale_rule(results[0].tasks), "models": models}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     md = out / "report.md"
     md.write_text(markdown(results, meta))

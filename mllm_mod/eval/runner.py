@@ -66,13 +66,14 @@ def plan(suite: str, work: str | os.PathLike, data_root: str | None = None, skip
     return Plan(entries, tasks, [str(work / "mirror_tasks")], leaves, builtins=True)
 
 
-def metric_value(results: dict[str, dict[str, Any]], run: Sequence[str], metric: str) -> float | None:
-    """The metric of one suite entry: the task's own value, or the mean over the leaf tasks it ran."""
+def metric_value(results: dict[str, dict[str, Any]], run: Sequence[str], entry: SuiteTask) -> float | None:
+    """The raw metric of one suite entry (its ``metric,filter`` key): the task's own value, or the mean over
+    the leaf tasks it ran; None unless every one of them reported it."""
     values = []
     for task in run:
-        value = results.get(task, {}).get(f"{metric},none")
+        value = results.get(task, {}).get(entry.key)
         if value is None and task.startswith(MIRROR_PREFIX):
-            value = results.get(task[len(MIRROR_PREFIX) :], {}).get(f"{metric},none")
+            value = results.get(task[len(MIRROR_PREFIX) :], {}).get(entry.key)
         if isinstance(value, (int, float)):
             values.append(float(value))
     return sum(values) / len(values) if len(values) == len(run) and values else None
@@ -106,18 +107,29 @@ def run_suite(
         lm = MoDLMM(**spec.model_args)
         res = evaluator.simple_evaluate(model=lm, tasks=the_plan.tasks, task_manager=manager, limit=limit)
         meter = all_ranks(lm.meter)
+        release(lm)  # every rank frees its replica before the next variant loads
+        del lm
         if res is None:  # not the main process
             continue
-        scores = {
-            e.task: metric_value(res["results"], the_plan.leaves.get(e.task, []), e.metric) for e in the_plan.entries
-        }
-        metrics = {e.task: e.metric for e in the_plan.entries}
-        results.append(ModelResult(spec.name, scores, metrics, meter.summary(), dict(spec.model_args)))
-        del lm
+        scores = {e.task: metric_value(res["results"], the_plan.leaves.get(e.task, []), e) for e in the_plan.entries}
+        results.append(ModelResult(spec.name, the_plan.entries, scores, meter.summary(), dict(spec.model_args)))
     if not results:
         return None
     meta = {"suite": suite, "limit": limit, "data_root": data_root, "tasks": the_plan.tasks}
     return write_report(results, out, meta)
+
+
+def release(lm: Any) -> None:
+    """Drop the plugin's model and processor and return the accelerator memory they held (the caller then
+    drops the plugin itself), so that two variants' replicas are never alive at once."""
+    import gc
+
+    import torch
+
+    lm.model = lm.processor = lm.tokenizer = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def all_ranks(meter: Meter) -> Meter:

@@ -1,6 +1,6 @@
 """Benchmark suites as data, and an offline reachability check that answers in seconds.
 
-A suite is a list of (lmms-eval task, metric reported for it). Before anything runs, `check` finds each
+A suite is a list of (lmms-eval task, the metric and filter it reports, its full scale). Before anything runs, `check` finds each
 task's dataset: in a ``--data-root`` of ``datasets.save_to_disk`` mirrors (``<root>/<leaf task>/``), or
 in the local Hugging Face caches. Mirrors are wired through lmms-eval's ``include:`` as new task names
 (``mllm_mod_mirror_<task>``), because lmms-eval silently prefers a built-in task over an included one of
@@ -21,52 +21,83 @@ MIRROR_PREFIX = "mllm_mod_mirror_"
 
 @dataclass(frozen=True)
 class SuiteTask:
+    """One benchmark of a suite: the lmms-eval task, the metric it reports and how to put it on 0-100.
+
+    lmms-eval stores each result under ``"<metric>,<filter>"``: the filter is ``none`` for a task without a
+    ``filter_list`` and the filter's ``name`` otherwise (AI2D: ``exact_match,flexible-extract``).
+    `full_scale` is the raw value of a perfect score (1 for accuracies, 100 for scores lmms-eval already
+    reports in percent, 2000 for MME perception), so every benchmark averages on the same 0-100 scale.
+    """
+
     task: str  # lmms-eval task or group name
-    metric: str  # the metric key in lmms-eval's results (``<metric>,none``)
+    metric: str  # the metric name of the task's ``metric_list``
+    filter: str = "none"  # the filter name of the task's ``filter_list`` (``none`` without one)
+    full_scale: float = 1.0  # raw value of a perfect score
+
+    @property
+    def key(self) -> str:
+        """The key of this metric in lmms-eval's results of the task."""
+        return f"{self.metric},{self.filter}"
+
+    def to_percent(self, value: float) -> float:
+        """The raw metric on the 0-100 scale."""
+        return value * 100.0 / self.full_scale
+
+    @property
+    def rule(self) -> str:
+        """How the raw metric becomes 0-100, in words."""
+        if self.full_scale == 100.0:
+            return "as reported (0-100)"
+        if self.full_scale == 1.0:
+            return "x 100 (reported 0-1)"
+        return f"/ {self.full_scale / 100.0:g} (reported 0-{self.full_scale:g})"
 
 
-def _suite(*pairs: tuple[str, str]) -> tuple[SuiteTask, ...]:
-    return tuple(SuiteTask(t, m) for t, m in pairs)
+ACCURACY, PERCENT, MME = 1.0, 100.0, 2000.0  # full scales: 0-1, 0-100 and MME's 0-2000 (sum of 10 x 0-200)
 
 
-SUITES: dict[str, tuple[SuiteTask, ...]] = {
+def _suite(*rows: tuple) -> tuple[SuiteTask, ...]:
+    return tuple(SuiteTask(*row) for row in rows)
+
+
+SUITES: dict[str, tuple[SuiteTask, ...]] = {  # (task, metric, filter, full scale), from lmms-eval 0.7.x
     # p-MoD's 14 image benchmarks
     "pmod14": _suite(
-        ("ok_vqa", "exact_match"),
-        ("scienceqa_img", "exact_match"),
-        ("mme", "mme_perception_score"),
-        ("seedbench", "seed_image"),
-        ("pope_full", "pope_f1_score"),
-        ("realworldqa", "exact_match"),
-        ("gqa", "exact_match"),
-        ("ai2d", "exact_match"),
-        ("textvqa_val", "exact_match"),
-        ("chartqa", "relaxed_overall"),
-        ("docvqa_val", "anls"),
-        ("infovqa_val", "anls"),
-        ("mmbench_en_dev", "gpt_eval_score"),
-        ("mmmu_val", "mmmu_acc"),
+        ("ok_vqa", "exact_match", "none", ACCURACY),
+        ("scienceqa_img", "exact_match", "none", ACCURACY),
+        ("mme", "mme_perception_score", "none", MME),
+        ("seedbench", "seed_image", "none", ACCURACY),
+        ("pope_full", "pope_f1_score", "none", ACCURACY),
+        ("realworldqa", "exact_match", "none", ACCURACY),
+        ("gqa", "exact_match", "none", ACCURACY),
+        ("ai2d", "exact_match", "flexible-extract", ACCURACY),
+        ("textvqa_val", "exact_match", "none", ACCURACY),
+        ("chartqa", "relaxed_overall", "none", ACCURACY),
+        ("docvqa_val", "anls", "none", ACCURACY),
+        ("infovqa_val", "anls", "none", ACCURACY),
+        ("mmbench_en_dev", "gpt_eval_score", "none", PERCENT),
+        ("mmmu_val", "mmmu_acc", "none", ACCURACY),
     ),
     # gamma-MoD's 9 benchmarks
     "gmod9": _suite(
-        ("textvqa_val", "exact_match"),
-        ("vqav2_val", "exact_match"),
-        ("gqa", "exact_match"),
-        ("scienceqa_img", "exact_match"),
-        ("pope", "pope_f1_score"),
-        ("mme", "mme_perception_score"),
-        ("mmbench_en_dev", "gpt_eval_score"),
-        ("mmmu_val", "mmmu_acc"),
-        ("mmvet", "gpt_eval_score"),
+        ("textvqa_val", "exact_match", "none", ACCURACY),
+        ("vqav2_val", "exact_match", "none", ACCURACY),
+        ("gqa", "exact_match", "none", ACCURACY),
+        ("scienceqa_img", "exact_match", "none", ACCURACY),
+        ("pope", "pope_f1_score", "none", ACCURACY),
+        ("mme", "mme_perception_score", "none", MME),
+        ("mmbench_en_dev", "gpt_eval_score", "none", PERCENT),
+        ("mmmu_val", "mmmu_acc", "none", ACCURACY),
+        ("mmvet", "gpt_eval_score", "none", PERCENT),
     ),
     "video": _suite(
-        ("videomme", "videomme_perception_score"),
-        ("mvbench", "mvbench_accuracy"),
-        ("egoschema_subset", "score"),
-        ("nextqa_mc_test", "exact_match"),
-        ("perceptiontest_val_mc", "accuracy"),
-        ("longvideobench_val_v", "lvb_acc"),
-        ("mlvu_dev", "mlvu_percetion_score"),  # sic: lmms-eval's spelling
+        ("videomme", "videomme_perception_score", "none", PERCENT),
+        ("mvbench", "mvbench_accuracy", "none", PERCENT),
+        ("egoschema_subset", "score", "none", ACCURACY),
+        ("nextqa_mc_test", "exact_match", "none", ACCURACY),
+        ("perceptiontest_val_mc", "accuracy", "none", ACCURACY),
+        ("longvideobench_val_v", "lvb_acc", "none", ACCURACY),
+        ("mlvu_dev", "mlvu_percetion_score", "none", PERCENT),  # sic: lmms-eval's spelling
     ),
 }
 
@@ -75,7 +106,7 @@ def suite_tasks(name: str) -> tuple[SuiteTask, ...]:
     from .synthetic import SYNTHETIC_SUITES
 
     if name in SYNTHETIC_SUITES:
-        return tuple(SuiteTask(t.name, t.metric) for t in SYNTHETIC_SUITES[name])
+        return tuple(SuiteTask(t.name, t.metric, "none", ACCURACY) for t in SYNTHETIC_SUITES[name])
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; available: {', '.join([*SYNTHETIC_SUITES, *SUITES])}")
     return SUITES[name]
