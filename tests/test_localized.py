@@ -129,7 +129,7 @@ def test_tiny_llava_sees_144_vision_tokens_per_picture():
 
     from mllm_mod.tiny import tiny_model
 
-    model, processor = tiny_model("llava", num_layers=2, words=localized.vocabulary(), image_size=SIZE, patch_size=CELL)
+    _, processor = tiny_model("llava", num_layers=2, words=localized.vocabulary(), image_size=SIZE, patch_size=CELL)
     batch = processor(images=[localized.blank_image()], text=["USER : <image> which quadrant is different ? ASSISTANT :"], return_tensors="pt")
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((batch["input_ids"] == image_id).sum()) == 144

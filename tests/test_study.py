@@ -1,0 +1,177 @@
+"""The fidelity study: seeded random routing, compute matching of FastV to pmod, and the --quick study
+end to end (every arm runs, the results schema, resuming without redoing an arm)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mllm_mod import layer_ratios, retrofit
+from mllm_mod.efficiency import efficiency
+from mllm_mod.flops import DecoderShape, prefill_cost
+from mllm_mod.study import (
+    ARMS,
+    SeededRandomRouter,
+    Study,
+    StudySettings,
+    apply_random_routing,
+    matched_prune_ratio,
+    pmod_ratios,
+)
+from mllm_mod.tiny import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()  # the study sets its own thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+def prompts(processor, n: int, seed: int = 0, texts: list[str] | None = None):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)) for _ in range(n)]
+    texts = texts or [f"USER : <image> {'what color is the object ? ' * (i + 1)}ASSISTANT :" for i in range(n)]
+    processor.tokenizer.padding_side = "left"
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def kept_logits(model) -> dict[int, torch.Tensor]:
+    """Per MoD layer, the router logits of the last forward (captured by hooks)."""
+    from mllm_mod.retrofit import mod_layer_map
+
+    out: dict[int, torch.Tensor] = {}
+    for idx, layer in mod_layer_map(model).items():
+        layer.router.register_forward_hook(lambda m, a, o, idx=idx: out.__setitem__(idx, o.detach()))
+    return out
+
+
+def test_random_routing_is_seeded_per_sample_whatever_the_batch():
+    model, processor = tiny_model("llava", num_layers=4, seed=0)
+    apply_random_routing(model, seed=5)
+    assert all(isinstance(layer.router, SeededRandomRouter) for layer in model.model.language_model.layers[1:])
+    captured = kept_logits(model)
+    batch = prompts(processor, 3)  # different lengths: left padding differs per row
+    with torch.no_grad():
+        model(**batch)
+        together = {i: t.clone() for i, t in captured.items()}
+        for b in range(3):
+            alone = {k: v[b : b + 1] for k, v in batch.items()}
+            real = alone["attention_mask"][0].bool()
+            alone = {k: (v[:, real] if k in ("input_ids", "attention_mask") else v) for k, v in alone.items()}
+            model(**alone)
+            for idx in captured:
+                row = together[idx][b][batch["attention_mask"][b].bool()]  # [T_b, 1]
+                torch.testing.assert_close(captured[idx][0], row, rtol=0, atol=0)
+    # a different seed, another layer or another picture draws other scores
+    first = together[1][0]
+    assert not torch.equal(first, together[2][0])
+    other, _ = tiny_model("llava", num_layers=4, seed=0)
+    apply_random_routing(other, seed=6)
+    captured_other = kept_logits(other)
+    with torch.no_grad():
+        other(**batch)
+    assert not torch.equal(captured_other[1][0], first)
+    # TanhNorm weights stay 1 to within 1e-4: the arm is pmod with a random top-k
+    assert float(together[3].abs().max()) <= 5e-4
+
+
+def test_random_routing_keeps_pmods_counts_and_its_logits_match_pmod_at_ratio_one():
+    model, processor = tiny_model("llava", num_layers=4, seed=0)
+    batch = prompts(processor, 2)
+    reference, _ = tiny_model("llava", num_layers=4, seed=0)
+    retrofit(reference, "pmod")
+    apply_random_routing(model, seed=0)
+    assert layer_ratios(model) == pytest.approx(pmod_ratios(4)) and layer_ratios(reference) == pytest.approx(pmod_ratios(4))
+    report = efficiency(model, batch)
+    assert report.accounting_matches, report.mismatches
+    assert report.kept_per_layer == efficiency(reference, batch).kept_per_layer
+    # at ratio 1 every token is kept: random scores change nothing but w = 1 +- 1e-4
+    dense, _ = tiny_model("llava", num_layers=4, seed=0)
+    from mllm_mod.retrofit import mod_layer_map
+
+    for layer in mod_layer_map(model).values():
+        layer.ratio = 1.0
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits[real], dense(**batch).logits[real], rtol=0, atol=1e-3)
+
+
+def test_fastv_prune_ratio_matches_pmods_prefill_cost():
+    model, _ = tiny_model("llava", num_layers=4, seed=0, hidden_size=64, intermediate_size=128)
+    shape = DecoderShape.from_config(model.config.text_config)
+    ratios = pmod_ratios(4)
+    for n_text, n_vision in ((17.0, 144), (30.4, 576)):
+        prune = matched_prune_ratio(shape, n_text, n_vision, layer=1, target_ratios=ratios)
+        keep = int(torch.trunc(torch.tensor((1 - prune) * n_vision, dtype=torch.float32)))
+
+        def cost(k: int, n_text: float = n_text, n_vision: int = n_vision) -> int:
+            ratios_k = [1.0] + [(k + 0.5) / n_vision] * 3
+            return prefill_cost(shape, ratios_k, round(n_text), n_vision, mod_layers=[False, True, True, True]).decoder_flops
+
+        target = prefill_cost(shape, ratios, round(n_text), n_vision).decoder_flops
+        assert abs(cost(keep) - target) <= min(abs(cost(keep - 1) - target), abs(cost(keep + 1) - target))
+        assert abs(cost(keep) - target) / target < 0.01
+
+
+def test_settings_are_checked_and_loaded_from_yaml(tmp_path):
+    with pytest.raises(ValueError, match="unknown study arms"):
+        StudySettings(arms=("dense", "nope"))
+    with pytest.raises(ValueError, match="dense"):
+        StudySettings(arms=("pmod", "fastv"))
+    path = tmp_path / "study.yaml"
+    path.write_text("seeds: 2\nbase_epochs: 1.5\n")
+    loaded = StudySettings.load(path, base=StudySettings.quick())
+    assert loaded.seeds == 2 and loaded.base_epochs == 1.5 and loaded.n_train == StudySettings.quick().n_train
+    path.write_text("nope: 1\n")
+    with pytest.raises(ValueError, match="unknown study settings"):
+        StudySettings.load(path)
+
+
+def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
+    from mllm_mod.cli import main
+
+    assert main(["study", "--out", str(tmp_path), "--quick"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["arms"]) == set(ARMS) and results["complete"]
+    assert set(results) >= {"arms", "settings", "versions"}
+    families = set(results["settings"]["chance"])
+    assert families == {"count", "presence", "oddquad", "where", "relpos"}
+    for name, arm in results["arms"].items():
+        assert set(arm) >= {"accuracy_mean", "accuracy_std", "per_family", "blank_control", "tflops_ratio", "kv_ratio", "seeds"}
+        assert set(arm["per_family"]) == families and len(arm["seeds"]) == 1
+        assert 0.0 <= arm["accuracy_mean"] <= 1.0 and arm["blank_control"] is not None
+        assert all(s["accounting_matches"] for s in arm["seeds"])
+        if name == "dense":
+            assert arm["tflops_ratio"] == arm["kv_ratio"] == 1.0
+        else:
+            assert 0.2 < arm["tflops_ratio"] < 0.8 and 0.2 < arm["kv_ratio"] < 0.8
+    arms = results["arms"]
+    # equal compute: random routing is pmod's budget exactly, FastV is matched to it by the accounting
+    assert arms["random_routing"]["tflops_ratio"] == pytest.approx(arms["pmod"]["tflops_ratio"])
+    for name in ("fastv", "fastv_ft", "random_drop"):
+        assert arms[name]["tflops_ratio"] == pytest.approx(arms["pmod"]["tflops_ratio"], abs=0.01)
+    # equal training: every trained arm ran the same number of steps with the vision tower frozen
+    trained = [arms[a]["seeds"][0]["train"] for a in ("dense", "pmod", "pmod_c50", "pmod_c30", "gmod", "random_routing", "fastv_ft")]
+    assert len({t["global_step"] for t in trained}) == 1 and trained[0]["global_step"] > 0
+    assert len({t["trainable"]["frozen"] for t in trained}) == 1
+    assert arms["fastv"]["seeds"][0]["train"] is None
+    for name in ("study.md", "pareto.png", "patches.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert "| pmod | 1 |" in (tmp_path / "study.md").read_text()
+
+    # resume: nothing is redone, the report is rewritten from the saved arms
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished arm was run again")
+
+    monkeypatch.setattr(Study, "run_arm", refuse)
+    monkeypatch.setattr(Study, "base", refuse)
+    again = json.loads(json.dumps(Study(tmp_path, StudySettings.quick()).run()))
+    assert again["arms"] == results["arms"]
+    with pytest.raises(ValueError, match="other settings"):
+        Study(tmp_path, StudySettings(**{**StudySettings.quick().to_dict(), "n_train": 40})).run()
