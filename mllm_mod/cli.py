@@ -18,7 +18,6 @@ COMMAND_MODULES = (
     "mllm_mod.commands.eval",
     "mllm_mod.commands.stream",
     "mllm_mod.commands.study",
-    "mllm_mod.commands.study",
     "mllm_mod.commands.import_",
 )
 
