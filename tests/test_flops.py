@@ -114,8 +114,21 @@ def test_accounting_matches_flop_counter_for_gmod_threshold_routing():
     inputs = make_inputs(processor, n=1)
     mllm_mod.retrofit(model, "gmod", layers=[1, 2, 3], skip_layers=None)
     randomize_routers(model)
+    # the tokens each MoD layer keeps, counted independently: every non-candidate, plus each candidate
+    # (image + system prompt) whose p = softmax(router(norm(x)))[1] reaches the threshold, from the layer input
+    layer_inputs: dict[int, torch.Tensor] = {}
+    for layer in model.model.language_model.layers[1:]:
+        layer.register_forward_pre_hook(lambda m, a, k: layer_inputs.__setitem__(m.layer_idx, a[0] if a else k["hidden_states"]), with_kwargs=True)
     report = efficiency(model, inputs)
     kept = [layer[0] for layer in report.kept_per_layer]
+    router = model.model.language_model.mod_shared_router
+    vision = inputs["input_ids"][0] == model.config.image_token_id  # [T]
+    competing = vision | (vision.cumsum(0) == 0)  # image tokens and the prompt before the first one
+    for i in (1, 2, 3):
+        normed = model.model.language_model.layers[i].base_layer.input_layernorm(layer_inputs[i])[0].float()
+        with torch.no_grad():
+            p = torch.softmax(normed @ router.proj.weight.T, dim=-1)[:, 1]  # [T]
+        assert kept[i] == int((~competing | (p >= 0.5)).sum()), i
     assert len(set(kept[1:])) > 1 or kept[1] < kept[0]  # threshold routing really skipped tokens
     measured, _ = _decoder_flops(model, inputs)
     shape = DecoderShape.from_config(model.config.text_config)
@@ -134,4 +147,12 @@ def test_gqa_1b_shape_kv_bytes_count_key_value_heads_only():
     dense = prefill_cost(shape, [1.0] * 22, ref.n_text, ref.n_vision, 4)
     assert dense.kv_bytes == 22 * tokens * 2 * 4 * 64 * 4  # layers x tokens x (K, V) x heads x dim x fp32
     mod = prefill_cost(shape, ratios, ref.n_text, ref.n_vision, 4)
-    assert mod.kv_bytes == sum(mod.kv_entries_per_layer) * 2 * 4 * 64 * 4
+    # an independent count: each layer holds the text plus trunc(r * n_vision) vision entries, r and the
+    # product in float32 (p-MoD), the ratios from the PRD formula written out here
+    import numpy as np
+
+    prd = [0.5 * np.cos(i * np.pi / 21) + 0.5 for i in range(22)]
+    entries = [
+        tokens if r > 0.85 else ref.n_text + int(np.float32(ref.n_vision) * np.float32(max(r, 0.15))) for r in prd
+    ]
+    assert mod.kv_bytes == sum(entries) * 2 * 4 * 64 * 4
