@@ -80,7 +80,21 @@ def base_fingerprint(model: nn.Module, adapter: Adapter | None = None) -> dict[s
         "num_key_value_heads": getattr(text, "num_key_value_heads", text.num_attention_heads),
         "intermediate_size": getattr(text, "intermediate_size", None),
         "vocab_size": text.vocab_size,
+        "weights_digest": weights_digest(model),
     }
+
+
+def weights_digest(model: nn.Module) -> str | None:
+    """A short digest of the base model's weights: SHA-256 of the first 16 rows of the input embedding in
+    float32. Tells apart same-shape models with different weights (another checkpoint of the family); None
+    where the weights are not materialised here (meta device, ZeRO-3 partitions)."""
+    import hashlib
+
+    weight = model.get_input_embeddings().weight
+    if weight.device.type == "meta" or weight.numel() == 0:
+        return None
+    rows = weight.detach()[:16].to("cpu", torch.float32).contiguous()  # [16, D]
+    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
 
 
 def check_base(expected: dict[str, Any], model: nn.Module) -> None:
@@ -91,8 +105,16 @@ def check_base(expected: dict[str, Any], model: nn.Module) -> None:
         lines = ", ".join(f"{k}: saved {a!r} vs model {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(f"this MoD adapter was saved from a different base model ({lines})")
     name = expected.get("name_or_path")
-    if name and actual["name_or_path"] and name != actual["name_or_path"]:
-        logger.warning("MoD adapter saved from %s, loading onto %s (shapes match)", name, actual["name_or_path"])
+    digest, actual_digest = expected.get("weights_digest"), actual["weights_digest"]
+    if digest and actual_digest and digest != actual_digest:
+        logger.warning(
+            "MoD adapter saved from a base with other weights (embedding digest %s, this model %s; saved from %s, "
+            "loading onto %s): the shapes match, but routers trained on another checkpoint route differently "
+            "unless this is a fine-tuned copy of that base",
+            digest, actual_digest, name or "?", actual["name_or_path"] or "?",
+        )
+    elif name and actual["name_or_path"] and name != actual["name_or_path"]:
+        logger.warning("MoD adapter saved from %s, loading onto %s (shapes and weights digest match)", name, actual["name_or_path"])
 
 
 def retrofit(

@@ -88,6 +88,31 @@ def test_adapter_from_another_base_model_is_refused(tmp_path):
     assert not hasattr(other, "mod_state")  # nothing was mutated
 
 
+def test_adapter_onto_a_same_shape_model_with_other_weights_or_vocab_is_flagged(tmp_path, caplog):
+    """Same shapes, other weights (another seed): loads with a warning naming the weights digest; same shapes but
+    another vocabulary size, or the same decoder under another model type: refused."""
+    from mllm_mod.tiny import tiny_model
+
+    model, _ = build("llava", seed=0)
+    mllm_mod.retrofit(model, "pmod")
+    mllm_mod.save_mod(model, tmp_path / "adapter")
+    same, _ = build("llava", seed=0)
+    with caplog.at_level("WARNING", logger="mllm_mod"):
+        mllm_mod.load_mod(same, tmp_path / "adapter")
+    assert "other weights" not in caplog.text
+    other, _ = build("llava", seed=5)
+    with caplog.at_level("WARNING", logger="mllm_mod"):
+        mllm_mod.load_mod(other, tmp_path / "adapter")
+    assert "MoD adapter saved from a base with other weights (embedding digest" in caplog.text
+    vocab, _ = tiny_model("llava", num_layers=4, words=["extra", "words", "here"])
+    assert vocab.config.text_config.vocab_size != model.config.text_config.vocab_size
+    with pytest.raises(ValueError, match="vocab_size: saved"):
+        mllm_mod.load_mod(vocab, tmp_path / "adapter")
+    next_model, _ = build("llava_next")
+    with pytest.raises(ValueError, match="model_type: saved 'llava' vs model 'llava_next'"):
+        mllm_mod.load_mod(next_model, tmp_path / "adapter")
+
+
 def test_adapter_with_missing_or_extra_keys_is_refused(tmp_path):
     from safetensors.torch import save_file
 
@@ -109,7 +134,7 @@ def test_unsupported_model_lists_families():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1))
-    with pytest.raises(ValueError, match=r"'llama' is not supported; supported families: LLaVA-1.5 \(llava\), LLaVA-NeXT"):
+    with pytest.raises(ValueError, match=r"'llama' is not supported; supported families: .*LLaVA-1.5 \(llava\), LLaVA-NeXT"):
         mllm_mod.retrofit(lm, "pmod")
 
 
