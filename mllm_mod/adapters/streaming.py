@@ -1,5 +1,7 @@
-"""The streaming video LLM (`mllm_mod.streaming`, model_type ``mllm_mod_stream``): every frame token is a
-candidate, and each frame (``1 + grid**2`` consecutive placeholders) is its own routing group."""
+"""The streaming video LLM (`mllm_mod.streaming`, model_type ``mllm_mod_stream``): every frame placeholder
+is a candidate, and each frame (``1 + grid**2`` consecutive placeholders) is its own routing group. In
+VideoLLM-online's layout consecutive frames are separated by ',' (and runs wrapped in '[' ... ']'):
+those are text tokens, never candidates, so a MoD layer always processes them."""
 
 from .base import Adapter, register
 

@@ -28,7 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="a streaming JSON: with --model, compute the streaming metrics on it")
     p.add_argument("--video-folder", help="resolve the JSON's relative video paths here")
     p.add_argument("--fps", type=float, help="frame rate (default: the model's); must match the model's")
-    p.add_argument("--threshold", type=float, default=0.5, help="reply when P(silence) falls below this")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="a frame replies where its argmax is not ',' or P(',') < this (default: 0.725 narrating, as "
+        "VideoLLM-online's demo; 0 for the metrics, as its evaluation)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ask", nargs="*", default=[], metavar="SECONDS:TEXT", help="user turns, e.g. 3:what color is it ?")
     p.add_argument("--budget", type=int, help="bound the KV cache to this many tokens (oldest frames go first)")
@@ -37,10 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="also write the metrics / narration to this JSON file")
     p.add_argument("--num-videos", type=int, default=32, help="--make-synthetic: number of clips")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=300, help="--train-tiny: optimizer steps")
     p.add_argument("--preset", help="--train-tiny: retrofit with this MoD preset before training (e.g. videomod)")
     p.add_argument("--eval-data", help="--train-tiny: streaming metrics on this JSON before and after training")
     p.add_argument("--frame-loss-weight", type=float, default=1.0, help="--train-tiny: loss weight of frame decisions")
+    recipe = p.add_argument_group("--train-tiny recipe (defaults: VideoLLM-online's, see mllm_mod/streaming/train.py)")
+    recipe.add_argument("--steps", type=int, default=-1, help="optimizer steps (default: --epochs)")
+    recipe.add_argument("--epochs", type=float, default=2.0)
+    recipe.add_argument("--lr", type=float, default=2e-4)
+    recipe.add_argument("--batch-size", type=int, default=1)
+    recipe.add_argument("--grad-accum", type=int, default=8)
+    recipe.add_argument("--lora-r", type=int, default=128, help="LoRA rank (alpha = 2 r); 0: full fine-tuning")
+    recipe.add_argument("--max-frames", type=int, default=1200, help="clip longer videos to this many frames")
     p.add_argument("--random-baseline", action="store_true", help="with --data: also the TimeDiff of random replies")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run_stream)
@@ -71,13 +83,15 @@ def run_stream(args: argparse.Namespace) -> int:
 def _narrate(args: argparse.Namespace, model, tokenizer) -> int:
     from ..streaming import CacheBudget, StreamSession, Turn, narrate, read_frames
     from ..streaming.data import preprocess
+    from ..streaming.inference import DEMO_THRESHOLD
 
     turns = [_parse_ask(a) for a in args.ask]
     frames, times = read_frames(args.video, model.config.fps)
     vision = model.config.vision_config
     pixels = preprocess(frames, vision.image_size, model.config.image_mean, model.config.image_std)
     budget = CacheBudget(args.budget, args.budget_policy) if args.budget else None
-    session = StreamSession(model, tokenizer, args.threshold, args.max_new_tokens, budget)
+    threshold = DEMO_THRESHOLD if args.threshold is None else args.threshold
+    session = StreamSession(model, tokenizer, threshold, args.max_new_tokens, budget)
     said = []
     for turn in turns:
         print(f"[{turn.time:7.2f}s] USER: {turn.text}")
@@ -96,7 +110,7 @@ def _metrics(args: argparse.Namespace, model, tokenizer) -> int:
     from ..streaming.metrics import random_timing_baseline
 
     records = load_records(args.data, args.video_folder)[: args.max_samples]
-    result = evaluate_streaming(model, records, tokenizer, args.threshold)
+    result = evaluate_streaming(model, records, tokenizer, _eval_threshold(args))
     print(_table(result))
     if args.random_baseline:
         result["random_time_diff"] = random_timing_baseline(records, tokenizer, model.config, args.seed)["time_diff"]
@@ -121,6 +135,18 @@ def _train_tiny(args: argparse.Namespace) -> int:
     from ..streaming import evaluate_streaming, load_records, tiny_stream_model
     from ..streaming.train import StreamTrainSpec, train_stream
 
+    spec = StreamTrainSpec(
+        num_epochs=args.epochs,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        max_frames=args.max_frames,
+        seed=args.seed,
+    )
+
     if not args.data:
         raise ValueError("--train-tiny needs --data (a streaming JSON, e.g. from --make-synthetic)")
     records = load_records(args.data, args.video_folder)
@@ -130,14 +156,13 @@ def _train_tiny(args: argparse.Namespace) -> int:
     )
     if args.preset:
         retrofit(model, args.preset)
-    result: dict = {"preset": args.preset, "steps": args.steps, "videos": len(records)}
+    result: dict = {"preset": args.preset, "recipe": vars(spec), "videos": len(records)}
+    threshold = _eval_threshold(args)
     if held_out:
-        result["before"] = evaluate_streaming(model, held_out, tokenizer, args.threshold)
+        result["before"] = evaluate_streaming(model, held_out, tokenizer, threshold)
         print("before training\n" + _table(result["before"]))
     start = time.perf_counter()
-    losses = train_stream(
-        model, tokenizer, records, args.train_tiny, StreamTrainSpec(max_steps=args.steps, seed=args.seed)
-    )
+    model, losses = train_stream(model, tokenizer, records, args.train_tiny, spec)
     result.update(train_seconds=time.perf_counter() - start, losses=losses)
     model.save_pretrained(args.train_tiny)
     tokenizer.save_pretrained(args.train_tiny)
@@ -146,10 +171,16 @@ def _train_tiny(args: argparse.Namespace) -> int:
         f"in {result['train_seconds']:.0f} s; saved to {args.train_tiny}"
     )
     if held_out:
-        result["after"] = evaluate_streaming(model, held_out, tokenizer, args.threshold)
+        result["after"] = evaluate_streaming(model, held_out, tokenizer, threshold)
         print("after training\n" + _table(result["after"]))
     _write_json(args.json, result)
     return 0
+
+
+def _eval_threshold(args: argparse.Namespace) -> float:
+    from ..streaming.inference import EVAL_THRESHOLD
+
+    return EVAL_THRESHOLD if args.threshold is None else args.threshold
 
 
 def _parse_ask(text: str):

@@ -1,10 +1,11 @@
-"""A streaming video LLM (VideoLLM-online layout) built from stock transformers parts, its data
-format, synthetic data, streaming objective, frame-by-frame inference with a bounded (MoD) KV cache,
-and the streaming metrics. Importing it registers model_type ``mllm_mod_stream`` with the Auto classes."""
+"""A streaming video LLM built from stock transformers parts that follows VideoLLM-online's released code
+(layout, reply decision, metrics, training recipe; docs/STREAMING.md lists where and why it does not):
+its data format, synthetic data, streaming objective, frame-by-frame inference with a bounded (MoD) KV
+cache, and the streaming metrics. Importing it registers model_type ``mllm_mod_stream`` with the Auto classes."""
 
 from .budget import CacheBudget
 from .data import StreamRecord, Turn, load_records, read_frames, save_records
-from .inference import Reply, StreamSession, narrate
+from .inference import Reply, StreamSession, narrate, replies_at
 from .metrics import evaluate_streaming
 from .model import StreamConfig, StreamForCausalLM, StreamModel, load_stream_model
 from .objective import StreamCollator, StreamDataset, build_sequence
@@ -30,6 +31,7 @@ __all__ = [
     "make_synthetic_stream",
     "narrate",
     "read_frames",
+    "replies_at",
     "save_records",
     "tiny_stream_model",
 ]

@@ -16,8 +16,10 @@ A streaming data file is a JSON list of videos, each with timed conversation tur
     ]
 
 Times are seconds from the start of the video. Frames are sampled at the model's fps, frame i at
-``i / fps`` s. A turn at time t belongs to the first frame at or after t (``ceil(t * fps)``): a user
-turn is read just before that frame, an assistant turn is said just after it (the frame decides).
+``i / fps`` s. As VideoLLM-online's data code places turns (``data/ego4d/livechat.py``): a user turn at
+time t is read after the last frame at or before t (``floor(t * fps)``); an assistant turn is said
+after the first frame at or after t (``ceil(t * fps)``: that frame decides to reply), unless it has the
+time of the user turn just before it, which it then answers at once.
 """
 
 from __future__ import annotations
@@ -101,8 +103,13 @@ def save_records(records: list[StreamRecord], path: str | os.PathLike, root: str
 
 
 def frame_index(time: float, fps: float) -> int:
-    """The frame a turn at `time` s belongs to: the first frame at or after it."""
+    """The frame an assistant turn at `time` s follows: the first frame at or after it."""
     return math.ceil(time * fps - 1e-6)
+
+
+def user_frame_index(time: float, fps: float) -> int:
+    """The frame a user turn at `time` s follows: the last frame at or before it."""
+    return math.floor(time * fps + 1e-6)
 
 
 def read_frames(path: str | os.PathLike, fps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -138,13 +145,22 @@ def read_frames(path: str | os.PathLike, fps: float) -> tuple[np.ndarray, np.nda
 
 
 def preprocess(frames: np.ndarray, image_size: int, mean: list[float], std: list[float]):
-    """uint8 frames [F, H, W, 3] -> normalised float pixel values [F, 3, S, S] for the vision tower."""
+    """uint8 frames [F, H, W, 3] -> normalised float pixel values [F, 3, S, S] for the vision tower.
+
+    As VideoLLM-online's ``data/utils.py`` (``ffmpeg_once``) prepares frames: the longer side is scaled
+    to S (bicubic), the shorter one keeps the aspect ratio, and the frame is padded to a square with
+    black, centred; then ``(x - mean) / std``."""
     import torch
     import torch.nn.functional as F
 
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0  # [F, 3, H, W]
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    h, w = x.shape[-2:]
+    scale = image_size / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (image_size - size[0]) // 2, (image_size - size[1]) // 2
+    x = F.pad(x, (left, image_size - size[1] - left, top, image_size - size[0] - top), value=0.0)  # [F, 3, S, S]
     mean_t = torch.tensor(mean, dtype=x.dtype)[None, :, None, None]
     std_t = torch.tensor(std, dtype=x.dtype)[None, :, None, None]
     return (x - mean_t) / std_t  # [F, 3, S, S]

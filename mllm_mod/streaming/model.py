@@ -1,19 +1,20 @@
 """A streaming video LLM from stock parts (VideoLLM-online layout): vision tower + MLP connector + decoder.
 
-Each frame becomes ``1 + grid**2`` tokens (default 10): the mean of the vision tower's patch features,
-then a ``grid x grid`` average-pooled patch grid, projected by a two-layer MLP into the decoder's
-embedding space. Frames arrive at a fixed fps and are interleaved with text in one causal sequence;
-in `input_ids` every frame token is the `frame_token_id` placeholder, and the features of the
-frames passed as `pixel_values` fill the placeholders in order.
+Each frame becomes ``1 + grid**2`` tokens (default 10), as VideoLLM-online's ``models/vision_live.py``
+makes them: token 0 is the tower's summary of the frame (SigLIP's attention-pooled ``pooler_output``,
+CLIP's CLS token), then a ``grid x grid`` average-pooled patch grid, projected by a two-layer MLP into
+the decoder's embedding space. Frames arrive at a fixed fps and are interleaved with text in one causal
+sequence (`objective.py` lays it out); in `input_ids` every frame token is the `frame_token_id`
+placeholder, and the features of the frames passed as `pixel_values` fill the placeholders in order.
 
 The attribute layout is LLaVA's (``model.model.vision_tower``, ``model.model.multi_modal_projector``,
 ``model.model.language_model.layers``, ``model.lm_head``), so `mllm_mod.retrofit` finds the decoder
 layers and ``save_pretrained``/``from_pretrained`` work as for any transformers model. Importing this
 module registers the config and models with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`.
 
-The loss: a token-weighted cross-entropy. Text labels weigh 1; labels at frame tokens (the silence /
-reply-start decision each frame's last token makes) weigh ``config.frame_loss_weight``, unless the
-caller passes explicit `label_weights`.
+The loss, as ``models/live_llama/modeling_live_llama.py`` computes it: ``sum(w * ce) / n_labels``,
+text labels weighing 1 and labels at frame tokens (each frame's silence / reply-start decision)
+``config.frame_loss_weight``, unless the caller passes explicit `label_weights`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class StreamConfig(PreTrainedConfig):
 
     vision_config / text_config: a transformers vision model (SigLIP, CLIP) and a decoder (Llama, Qwen2).
     frame_token_id: the placeholder id standing for one frame token in `input_ids`.
-    silence_token_id: what a frame's last token predicts when the assistant stays silent.
+    silence_token_id: the frame separator (',' in VideoLLM-online): it sits between the frames of a run
+        in the input, and a frame's last token predicts it when the assistant stays silent.
     frame_grid: side of the pooled patch grid (3 -> 1 + 9 = 10 tokens per frame).
     fps: the frame rate the model is trained and run at.
     frame_loss_weight: loss weight of frame-token labels (silence / reply-start decisions); text 1.
@@ -127,15 +129,36 @@ class StreamModel(StreamPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frames [F, 3, H, W] -> frame tokens [F, 1 + g*g, D] in the decoder's embedding space."""
-        hidden = self.vision_tower(pixel_values=pixel_values).last_hidden_state  # [F, P(+1), Dv]
+        """Frames [F, 3, H, W] -> frame tokens [F, 1 + g*g, D] in the decoder's embedding space.
+
+        A frozen tower (no trainable parameter) runs without autograd, as if its features were
+        pre-extracted (VideoLLM-online trains on saved features)."""
+        tower = self.vision_tower
+        frozen = not any(p.requires_grad for p in tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            out = tower(pixel_values=pixel_values)
+        hidden = out.last_hidden_state  # [F, P(+1), Dv]
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         patches = hidden[:, -side * side :]  # [F, P, Dv]: drops a CLS token (CLIP); SigLIP has none
         n, _, dim = patches.shape
         grid = patches.transpose(1, 2).reshape(n, dim, side, side)  # [F, Dv, s, s]
         pooled = F.adaptive_avg_pool2d(grid, self.config.frame_grid).flatten(2).transpose(1, 2)  # [F, g*g, Dv]
-        tokens = torch.cat([patches.mean(dim=1, keepdim=True), pooled], dim=1)  # [F, 1 + g*g, Dv]
+        tokens = torch.cat([self.summary_token(out)[:, None], pooled], dim=1)  # [F, 1 + g*g, Dv]
         return self.multi_modal_projector(tokens)  # [F, 1 + g*g, D]
+
+    def summary_token(self, out: Any) -> torch.Tensor:
+        """Frame token 0 [F, Dv], as ``vision_live.py`` takes it: SigLIP's attention-pooled
+        ``pooler_output`` (the tower needs ``vision_use_head=True``), CLIP's CLS token (the first entry of
+        ``last_hidden_state``, before the post-layernorm)."""
+        hidden = out.last_hidden_state  # [F, P(+1), Dv]
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        if hidden.shape[1] == side * side + 1:  # a CLS token in front (CLIP)
+            return hidden[:, 0]
+        if getattr(out, "pooler_output", None) is None:
+            raise ValueError(
+                "frame token 0 is the vision tower's pooled summary: a SigLIP tower needs vision_use_head=True"
+            )
+        return out.pooler_output  # [F, Dv]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with the frame placeholders filled by the frames' features, in order."""
@@ -185,7 +208,7 @@ class StreamModel(StreamPreTrainedModel):
 class StreamForCausalLM(StreamPreTrainedModel, GenerationMixin):
     """The streaming video LLM with its LM head and the streaming loss."""
 
-    # the loss is a weighted mean per batch: the Trainer must average it over gradient accumulation
+    # the loss is a mean over each batch's labels: the Trainer must average it over gradient accumulation
     # itself rather than hand us a token count
     accepts_loss_kwargs = False
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -220,7 +243,7 @@ class StreamForCausalLM(StreamPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """`labels` [B, T] are aligned with the inputs (the label at t is the token after t; -100 ignored).
         `label_weights` [B, T] (optional) weigh each label; by default text 1, frame tokens
-        ``config.frame_loss_weight``. The loss is ``sum(w * ce) / sum(w)`` over labelled tokens."""
+        ``config.frame_loss_weight``. The loss is ``sum(w * ce) / n_labels`` (VideoLLM-online's)."""
         kwargs.pop("num_items_in_batch", None)  # a token count from a trainer: our loss normalises itself
         out = self.model(
             input_ids=input_ids,
@@ -256,11 +279,12 @@ class StreamForCausalLM(StreamPreTrainedModel, GenerationMixin):
 
 
 def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum(w * ce) / sum(w)`` over tokens whose label is not -100. logits [B, T, V], labels/weights [B, T]."""
+    """``sum(w * ce) / n`` over the n tokens whose label is not -100 (``modeling_live_llama.py``: the
+    weights scale the frame decisions' share; they do not renormalise). logits [B, T, V], labels/weights [B, T]."""
     labelled = labels != -100  # [B, T]
     ce = F.cross_entropy(logits.float().transpose(1, 2), labels.masked_fill(~labelled, 0), reduction="none")  # [B, T]
     w = weights.to(ce.dtype) * labelled  # [B, T]
-    return (w * ce).sum() / w.sum().clamp(min=torch.finfo(ce.dtype).tiny)
+    return (w * ce).sum() / labelled.sum().clamp(min=1)
 
 
 AutoConfig.register(MODEL_TYPE, StreamConfig)

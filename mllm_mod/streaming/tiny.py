@@ -10,16 +10,23 @@ from transformers import PreTrainedTokenizerBase, SiglipVisionConfig
 from ..tiny import build_tokenizer, check_attention, tiny_text_config
 from .model import StreamConfig, StreamForCausalLM
 
-FRAME_TOKEN, SILENCE_TOKEN = "<frame>", "<silence>"
-# the words of the synthetic narration (mllm_mod.streaming.synthetic) beyond the tiny base vocabulary
-STREAM_WORDS = ("appears", "disappears", "moves", "up", "down", "narrate", "shapes", "events", "where", "it")
+FRAME_TOKEN = "<v>"  # VideoLLM-online's placeholder
+# the template's words (objective.py) and those of the synthetic narration (mllm_mod.streaming.synthetic)
+# beyond the tiny base vocabulary
+STREAM_WORDS = (
+    "User", "Assistant", "appears", "disappears", "moves", "up", "down", "narrate", "shapes", "events", "where", "it"
+)
 
 
 def add_stream_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
-    """Add the frame placeholder and the silence token (as special tokens); returns their ids.
-    A real decoder then needs ``model.resize_token_embeddings(len(tokenizer))``."""
-    tokenizer.add_tokens([FRAME_TOKEN, SILENCE_TOKEN], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(FRAME_TOKEN), tokenizer.convert_tokens_to_ids(SILENCE_TOKEN)
+    """Add the frame placeholder (a special token); returns its id and that of the frame separator ','
+    (the silence token, an ordinary token of the vocabulary, as in VideoLLM-online's
+    ``tokenization_live.py``). A real decoder then needs ``model.resize_token_embeddings(len(tokenizer))``."""
+    from .objective import SEPARATOR, text_ids
+
+    tokenizer.add_tokens([FRAME_TOKEN], special_tokens=True)
+    (separator,) = text_ids(tokenizer, SEPARATOR)
+    return tokenizer.convert_tokens_to_ids(FRAME_TOKEN), separator
 
 
 def tiny_stream_model(
@@ -35,7 +42,7 @@ def tiny_stream_model(
     words: Iterable[str] = STREAM_WORDS,
     seed: int = 0,
 ) -> tuple[StreamForCausalLM, PreTrainedTokenizerBase]:
-    """(model, tokenizer): a SigLIP tower (2 layers) + MLP + a Llama or Qwen2 decoder, random weights."""
+    """(model, tokenizer): a SigLIP tower (2 layers, pooling head) + MLP + a Llama or Qwen2 decoder, random weights."""
     tokenizer = build_tokenizer(words)
     frame_id, silence_id = add_stream_tokens(tokenizer)
     text = tiny_text_config(
@@ -48,7 +55,7 @@ def tiny_stream_model(
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,
-        vision_use_head=False,  # the attention-pooling head is not used: frames are pooled by the model
+        vision_use_head=True,  # the attention-pooling head gives frame token 0 (pooler_output)
         attn_implementation=attn,
     )
     config = StreamConfig(
