@@ -49,6 +49,13 @@ class Router(nn.Module):
         with torch.autocast(device_type=weight.device.type, enabled=False):
             logits = F.linear(x, weight.float(), None if self.proj.bias is None else self.proj.bias.float())
         return logits.to(hidden_states.device)  # [B, T, C] float32
+def fresh_weight(config: MoDConfig) -> float:
+    """The token weight ``w`` a fresh (zero-initialised) router gives: 1 under TanhNorm, 0.5 under sigmoid or
+    softmax. Where it is not 1, an untrained retrofit changes every kept token's output (``videomod``'s
+    "output" rule halves it), so the model needs training before it is evaluated."""
+    return float(token_weights(torch.zeros(1, 1, 2 if config.norm == "softmax" else 1), config))
+
+
 def store_routers_as(model: nn.Module, dtype: torch.dtype) -> None:
     """Store every router's parameters in `dtype`, deliberately bypassing the float32 guard of `Router._apply`.
 

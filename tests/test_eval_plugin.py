@@ -326,6 +326,23 @@ def test_dense_and_conflicting_args(setup):
         load_model(setup["base"], mod=setup["adapter"], preset="pmod")
 
 
+def test_untrained_on_the_fly_preset_warns_where_fresh_routers_change_outputs(setup, caplog):
+    """videomod's fresh sigmoid routers give w = 0.5 and its "output" rule halves every kept token: a warning
+    says it needs training; pmod's fresh TanhNorm routers give w = 1 (no warning)."""
+    from mllm_mod.config import preset
+    from mllm_mod.eval.lmms_plugin import load_model
+    from mllm_mod.router import fresh_weight
+
+    assert fresh_weight(preset("pmod")) == 1.0 and fresh_weight(preset("videomod")) == 0.5
+    assert fresh_weight(preset("gmod")) == 0.5
+    with caplog.at_level("WARNING", logger="mllm_mod"):
+        load_model(setup["base"], preset="pmod")
+    assert "fine-tune it" not in caplog.text
+    with caplog.at_level("WARNING", logger="mllm_mod"):
+        load_model(setup["base"], preset="videomod")
+    assert "preset 'videomod' retrofitted on the fly" in caplog.text and "w = 0.5 (output weighting)" in caplog.text
+
+
 def test_full_checkpoint_as_mod_dense_or_baseline(tmp_path):
     """pretrained= a full MoD checkpoint: loaded with its MoD layers; dense=true takes them out; a baseline
     applies to the same weights without them; preset= on it is refused."""

@@ -140,10 +140,27 @@ def load_model(
             mllm_mod.load_mod(model, mod)
         elif not dense and preset:
             mllm_mod.retrofit(model, preset)
+            warn_if_untrained(model)
     if not dense and baseline is not None:
         apply_baseline(model, baseline)
     processor = transformers.AutoProcessor.from_pretrained(pretrained)
     return model.eval(), processor
+
+
+def warn_if_untrained(model: torch.nn.Module) -> None:
+    """A preset retrofitted on the fly has fresh routers: say so where they change the outputs (w != 1)."""
+    from ..retrofit import get_state
+    from ..router import fresh_weight
+
+    config = get_state(model).config
+    w = fresh_weight(config)
+    if w != 1.0:
+        logger.warning(
+            "preset %r retrofitted on the fly: its fresh routers give every routed token the weight w = %g "
+            "(%s weighting), so the model is not the dense one and not a trained MoD model either; fine-tune it "
+            "(mllm-mod train) before evaluating, or evaluate a trained checkpoint",
+            config.preset, w, config.weighting,
+        )
 
 
 def as_visual(visual: Any, task: str, num_frames: int) -> Visual:
