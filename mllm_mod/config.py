@@ -24,6 +24,8 @@ SELECTIONS = ("topk", "group")
 CANDIDATES = ("vision", "vision_and_prefix", "all")
 INFERENCE = ("topk", "threshold")
 POSITIONS = ("original", "renumber")
+ROUTER_INITS = ("zeros", "default")
+LOSS_TOKENS = ("competing", "all")
 
 
 @dataclass
@@ -35,8 +37,10 @@ class MoDConfig:
             layer but ``skip_layers``), "interleave" (``ratio`` on every other layer starting at
             ``interleave_start``), "deep" (``ratio`` on layers ``deep_start`` .. L-1).
     Router and scores:
-        router: "linear" (one ``Linear(hidden, 1)`` per layer, zero-initialised, float32) or "shared"
-            (one ``Linear(hidden, 2, bias=False)`` for all MoD layers, gamma-MoD).
+        router: "linear" (one ``Linear(hidden, 1)`` per layer, float32) or "shared" (one
+            ``Linear(hidden, 2, bias=False)`` for all MoD layers, gamma-MoD).
+        router_init: "zeros" (w = 1 under TanhNorm, p = 0.5 under sigmoid/softmax: the retrofit starts as
+            the dense model under STRing) or "default" (PyTorch's Linear init, gamma-MoD's reference).
         router_input: "hidden" (the layer input) or "normed" (the layer's input-norm output).
         norm: how router logits become token weights ``w``: "tanh" (TanhNorm ``alpha*tanh(z)+1``),
             "sigmoid", "softmax" (``p = softmax(logits)[..., 1]``, 2-way routers), "none" (``w = 1``).
@@ -51,13 +55,21 @@ class MoDConfig:
         candidates: which tokens compete: "vision"; "vision_and_prefix" (vision tokens and the
             prompt before the first one: gamma-MoD's masked routing, question/answer always kept);
             "all" (every real token).
-        inference: at eval time keep the top-k ("topk") or every candidate whose weight reaches
-            ``threshold`` ("threshold"); training always uses the top-k.
-        decode_skip: a generated token skips a MoD layer when its weight is below ``threshold``.
+        inference_candidates: which tokens compete at eval time (None: ``candidates``); gamma-MoD's
+            reference routes every token at inference ("all") after training with masked routing.
+        inference: at eval time keep the top-k ("topk") or every candidate whose weight is above
+            ``threshold`` ("threshold": prefill tokens with ``w > threshold``); training always uses the top-k.
+        decode_skip: a generated token skips a MoD layer when its weight is below ``decode_threshold``.
+        decode_threshold: a generated token goes through a MoD layer iff ``w >= decode_threshold`` (None:
+            ``threshold``); gamma-MoD's reference: prefill 0.005, decoding 0.5.
+        weight_all: the weighting rule applies to every token that goes through the layer (gamma-MoD's
+            reference scales the MLP branch of forced-keep text too), not only to competing tokens.
         positions: "original" (kept tokens keep their sequence positions, p-MoD) or "renumber"
             (kept tokens are renumbered 0..k-1 within the layer, gamma-MoD reference).
         routing_loss_weight: weight of the 2-way cross-entropy between router logits and the top-k
             decision (shared router only), summed over MoD layers.
+        routing_loss_tokens: which tokens the cross-entropy averages over: "competing" or "all" (every
+            position of the batch, forced-keep and padding tokens with target 1: gamma-MoD's reference).
     """
 
     preset: str | None = None
@@ -70,23 +82,32 @@ class MoDConfig:
     interleave_start: int = 1
     deep_start: int | None = None
     router: str = "linear"
+    router_init: str = "zeros"
     router_input: str = "hidden"
     norm: str = "tanh"
     tanh_alpha: float = 0.2
     weighting: str = "string"
     selection: str = "topk"
     candidates: str = "vision"
+    inference_candidates: str | None = None
     inference: str = "topk"
     threshold: float = 0.5
     decode_skip: bool = False
+    decode_threshold: float | None = None
+    weight_all: bool = False
     positions: str = "original"
     routing_loss_weight: float = 0.0
+    routing_loss_tokens: str = "competing"
     # Filled in by `retrofit`/`save_mod`: what the adapter was made for, and with which library versions.
     base_model: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def decode_keep_threshold(self) -> float:
+        return self.threshold if self.decode_threshold is None else self.decode_threshold
 
     def validate(self) -> None:
         _check_choice("schedule", self.schedule, SCHEDULES)
@@ -98,13 +119,19 @@ class MoDConfig:
         _check_choice("candidates", self.candidates, CANDIDATES)
         _check_choice("inference", self.inference, INFERENCE)
         _check_choice("positions", self.positions, POSITIONS)
+        _check_choice("router_init", self.router_init, ROUTER_INITS)
+        _check_choice("routing_loss_tokens", self.routing_loss_tokens, LOSS_TOKENS)
+        if self.inference_candidates is not None:
+            _check_choice("inference_candidates", self.inference_candidates, CANDIDATES)
         if (self.norm == "softmax") != (self.router == "shared"):
             raise ValueError("norm='softmax' goes with the 2-way router='shared' (and only with it)")
-        if not 0.0 <= self.threshold <= 1.0 and self.norm in ("sigmoid", "softmax"):
-            raise ValueError(f"threshold must be in [0, 1] for {self.norm} weights, got {self.threshold}")
+        for name in ("threshold", "decode_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0 and self.norm in ("sigmoid", "softmax"):
+                raise ValueError(f"{name} must be in [0, 1] for {self.norm} weights, got {value}")
         if self.routing_loss_weight < 0 or (self.routing_loss_weight > 0 and self.router != "shared"):
             raise ValueError("routing_loss_weight must be >= 0, and > 0 only with router='shared'")
-        if self.decode_skip and self.candidates == "vision":
+        if self.decode_skip and (self.inference_candidates or self.candidates) == "vision":
             raise ValueError("decode_skip routes generated (text) tokens: use candidates='all' or 'vision_and_prefix'")
         check_ratio(self.ratio, "ratio")
         check_ratio(self.prd_min_ratio, "prd_min_ratio")

@@ -10,7 +10,8 @@ from .config import MoDConfig
 
 
 class Router(nn.Module):
-    """``Linear(hidden, classes)`` over every token of a layer's input, initialised to zero.
+    """``Linear(hidden, classes)`` over every token of a layer's input, initialised to zero (or, with
+    ``zero_init=False``, PyTorch's default Linear init: gamma-MoD's reference).
 
     classes = 1: a per-layer scalar score (p-MoD, VideoLLM-MoD); classes = 2: gamma-MoD's 2-way
     skip/keep router (no bias), shared by all MoD layers. Zero init gives ``w = 1`` under TanhNorm and
@@ -26,10 +27,10 @@ class Router(nn.Module):
     The logits are float32 [B, T, classes].
     """
 
-    def __init__(self, hidden_size: int, classes: int = 1, bias: bool = True, device=None) -> None:
+    def __init__(self, hidden_size: int, classes: int = 1, bias: bool = True, device=None, zero_init: bool = True) -> None:
         super().__init__()
-        self.proj = nn.Linear(hidden_size, classes, bias=bias, device=device, dtype=torch.float32)
-        if self.proj.weight.device.type != "meta":
+        self.proj = nn.Linear(hidden_size, classes, bias=bias, device=device, dtype=torch.float32)  # PyTorch's init
+        if zero_init and self.proj.weight.device.type != "meta":
             nn.init.zeros_(self.proj.weight)
             if bias:
                 nn.init.zeros_(self.proj.bias)
@@ -83,6 +84,7 @@ def token_weights(logits: torch.Tensor, config: MoDConfig) -> torch.Tensor:
 
 
 def build_router(config: MoDConfig, hidden_size: int, device=None) -> Router:
+    zero = config.router_init == "zeros"
     if config.router == "shared":
-        return Router(hidden_size, classes=2, bias=False, device=device)
-    return Router(hidden_size, device=device)
+        return Router(hidden_size, classes=2, bias=False, device=device, zero_init=zero)
+    return Router(hidden_size, device=device, zero_init=zero)
