@@ -670,15 +670,21 @@ def pareto_plot(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, arm in results["arms"].items():
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    arms = sorted(results["arms"].items(), key=lambda item: item[1]["tflops_ratio"])
+    stack, previous = 0, None
+    for name, arm in arms:
         x, y, err = arm["tflops_ratio"], arm["accuracy_mean"], arm["accuracy_std"]
         ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=4, label=name)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        stack = stack + 1 if previous is not None and abs(x - previous) < 0.03 else 0  # arms at equal compute
+        previous = x
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4 + 10 * stack), fontsize=8)
     ax.axhline(results["settings"]["mean_chance"], color="k", linestyle=":", label="chance")
     ax.set_xlabel("prefill TFLOPs / dense (measured)")
     ax.set_ylabel("held-out accuracy (mean over families)")
-    ax.set_title("fidelity study: accuracy vs compute (mean ± std over seeds)")
+    seeds = max(len(arm["seeds"]) for _, arm in arms)
+    status = "" if results.get("complete") else " — PARTIAL"
+    ax.set_title(f"accuracy vs compute, mean ± std over {seeds} seed(s){status}", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
