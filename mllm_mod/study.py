@@ -605,7 +605,10 @@ class Study:
         results = {
             "arms": arms,
             "settings": {**s.to_dict(), "chance": chance, "mean_chance": sum(chance.values()) / len(chance), "counts": meta["counts"]},
-            "versions": {"mllm_mod": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+            "versions": {
+                "mllm_mod": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "git_commit": git_commit(),
+            },
             "complete": all(len(a["seeds"]) == s.seeds for a in arms.values()) and len(arms) == len(s.arms),
         }
         (self.out / RESULTS_NAME).write_text(json.dumps(results, indent=2))
@@ -617,6 +620,17 @@ class Study:
         if pictures:
             patches_plot(pictures, str(self.data_dir), str(self.out / PATCHES_NAME))
         return results
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree the study ran from (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -175,3 +175,19 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     assert again["arms"] == results["arms"]
     with pytest.raises(ValueError, match="other settings"):
         Study(tmp_path, StudySettings(**{**StudySettings.quick().to_dict(), "n_train": 40})).run()
+
+
+def test_aggregate_takes_mean_and_std_over_seeds_and_the_table_says_partial():
+    from mllm_mod.study import aggregate, study_table
+
+    def run(seed: int, acc: dict[str, float], blank: float) -> dict:
+        return {"seed": seed, "accuracy": sum(acc.values()) / len(acc), "per_family": acc, "blank_control": blank,
+                "tflops_ratio": 0.5 + 0.01 * seed, "kv_ratio": 0.6, "accounting_matches": True}  # fmt: skip
+
+    arm = aggregate([run(0, {"a": 0.4, "b": 0.6}, 0.3), run(1, {"a": 0.6, "b": 0.8}, 0.4)])
+    assert arm["accuracy_mean"] == pytest.approx(0.6) and arm["accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert arm["per_family"]["a"] == pytest.approx({"mean": 0.5, "std": 0.1414}, abs=1e-4)
+    assert arm["blank_control"] == pytest.approx(0.35) and arm["tflops_ratio"] == pytest.approx(0.505)
+    results = {"arms": {"pmod": arm}, "settings": {"chance": {"a": 0.5, "b": 0.25}, "mean_chance": 0.375}, "complete": False}
+    table = study_table(results)
+    assert table.startswith("Study PARTIAL") and "| pmod | 2 | 0.600 ± 0.141 |" in table
