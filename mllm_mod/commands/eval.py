@@ -66,7 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-frames", type=int, default=None, help="frames sampled from each clip of a video task")
     p.add_argument("--data", help=f"--suite {STREAMING}: a streaming JSON (videos with timed turns)")
     p.add_argument("--video-folder", help=f"--suite {STREAMING}: folder of the JSON's relative video paths")
-    p.add_argument("--threshold", type=float, default=0.5, help=f"--suite {STREAMING}: reply when P(silence) < this")
+    p.add_argument(
+        "--threshold", type=float, default=None,
+        help=f"--suite {STREAMING}: reply where the argmax is not ',' or P(',') < this (default 0: VideoLLM-online's evaluation)",
+    )
     p.set_defaults(func=run_eval)
 
 
@@ -104,6 +107,7 @@ def specs_from_args(args: argparse.Namespace) -> list:
 def run_streaming(args: argparse.Namespace) -> int:
     """LM-PPL, LM-Correctness, TimeDiff and Fluency of each streaming checkpoint, one table."""
     from ..streaming import evaluate_streaming, load_records, load_stream_model
+    from ..streaming.inference import EVAL_THRESHOLD
 
     if not args.data:
         raise ValueError(f"--suite {STREAMING} needs --data (a streaming JSON)")
@@ -111,7 +115,8 @@ def run_streaming(args: argparse.Namespace) -> int:
     results = {}
     for path in [args.checkpoint, *args.compare_checkpoint]:
         model, tokenizer = load_stream_model(path)
-        results[os.path.basename(os.path.normpath(path))] = evaluate_streaming(model, records, tokenizer, args.threshold)
+        threshold = EVAL_THRESHOLD if args.threshold is None else args.threshold
+        results[os.path.basename(os.path.normpath(path))] = evaluate_streaming(model, records, tokenizer, threshold)
     keys = ("lm_ppl", "lm_correctness", "time_diff", "fluency")
     lines = ["| model | LM-PPL | LM-Correctness | TimeDiff (s) | Fluency | turns |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + f" | {r['num_turns']} |" for name, r in results.items()]
