@@ -15,6 +15,59 @@ TINYLLAMA_1B: dict[str, Any] = dict(  # TinyLlama-1.1B, the LLM of TinyLLaVA-sty
     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5,
 )
 
+QWEN25_7B: dict[str, Any] = dict(  # Qwen2.5-7B, the LLM of InternVL3-8B (GQA 28/4, 28 layers)
+    vocab_size=151674, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+)
+SMOLLM2_1B7: dict[str, Any] = dict(  # SmolLM2-1.7B, the LLM of SmolVLM-Instruct (2.2B)
+    vocab_size=49155, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384, rms_norm_eps=1e-5,
+    rope_theta=273768.0,
+)
+
+
+def _llava_config(shape: ReferenceShape) -> Any:
+    import transformers as tf
+
+    text = tf.LlamaConfig(**shape.text)
+    vision = tf.CLIPVisionConfig(  # CLIP ViT-L/14-336
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768,
+    )
+    if shape.tokens_per_frame is not None:  # LLaVA-NeXT-Video: 24x24 patches pooled by 2 -> 144 per frame
+        return tf.LlavaNextVideoConfig(
+            vision_config=vision, text_config=text, image_token_index=32001, video_token_index=32000,
+            spatial_pool_stride=2,
+        )
+    cls = tf.LlavaNextConfig if "next" in shape.name else tf.LlavaConfig
+    return cls(vision_config=vision, text_config=text, image_token_index=32000)
+
+
+def _internvl_config(shape: ReferenceShape) -> Any:
+    import transformers as tf
+
+    vision = tf.InternVLVisionConfig(  # InternViT-300M-448px: 32x32 patches, pixel-shuffled to 256 per tile
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=448, patch_size=14,
+    )
+    return tf.InternVLConfig(
+        vision_config=vision, text_config=tf.Qwen2Config(**shape.text), image_token_id=151667, image_seq_length=256,
+        downsample_ratio=0.5, tie_word_embeddings=False,
+    )
+
+
+def _smolvlm_config(shape: ReferenceShape) -> Any:
+    import transformers as tf
+
+    vision = tf.SmolVLMVisionConfig(  # SigLIP so400m at 384 px: 27x27 patches, pixel-shuffled by 3 -> 81
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+        image_size=384, patch_size=14,
+    )
+    return tf.SmolVLMConfig(
+        vision_config=vision, text_config=tf.LlamaConfig(**shape.text), image_token_id=49190, scale_factor=3,
+    )
+
 
 @dataclass(frozen=True)
 class ReferenceShape:
@@ -23,23 +76,14 @@ class ReferenceShape:
     n_vision: int  # vision tokens of a typical sample
     n_text: int  # text tokens of a typical prompt
     tokens_per_frame: int | None = None  # video models: pooled tokens per frame
-    text: dict[str, Any] = field(default_factory=lambda: VICUNA_7B)  # LlamaConfig keyword arguments
+    text: dict[str, Any] = field(default_factory=lambda: VICUNA_7B)  # the text config's keyword arguments
+    family: str = "llava"  # which CONFIGS entry builds the model config
 
     def config(self) -> Any:
-        import transformers as tf
+        return CONFIGS[self.family](self)
 
-        text = tf.LlamaConfig(**self.text)
-        vision = tf.CLIPVisionConfig(  # CLIP ViT-L/14-336
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=336, patch_size=14, projection_dim=768,
-        )
-        if self.tokens_per_frame is not None:  # LLaVA-NeXT-Video: 24x24 patches pooled by 2 -> 144 per frame
-            return tf.LlavaNextVideoConfig(
-                vision_config=vision, text_config=text, image_token_index=32001, video_token_index=32000,
-                spatial_pool_stride=2,
-            )
-        cls = tf.LlavaNextConfig if "next" in self.name else tf.LlavaConfig
-        return cls(vision_config=vision, text_config=text, image_token_index=32000)
+
+CONFIGS = {"llava": _llava_config, "internvl": _internvl_config, "smolvlm": _smolvlm_config}
 
 
 REFERENCE_SHAPES = {
@@ -53,6 +97,14 @@ REFERENCE_SHAPES = {
         ),
         ReferenceShape(
             "llava-next-video-7b", "LLaVA-NeXT-Video-7B: 32 frames x 144 pooled tokens", 32 * 144, 64, tokens_per_frame=144
+        ),
+        ReferenceShape(  # a 4:3 picture: 2x3 tiles of 448 px (closest grid within 12) + the thumbnail
+            "internvl3-8b", "InternVL3-8B: Qwen2.5-7B + InternViT-300M, 2x3 tiles + thumbnail x 256 = 1792 image tokens",
+            7 * 256, 64, text=QWEN25_7B, family="internvl",
+        ),
+        ReferenceShape(  # a square picture resized to 1536 px: 4x4 sub-images of 384 px + the global view
+            "smolvlm-2b", "SmolVLM-Instruct (2.2B): SmolLM2-1.7B + SigLIP-so400m, 4x4 sub-images + global x 81 = 1377",
+            17 * 81, 64, text=SMOLLM2_1B7, family="smolvlm",
         ),
     )
 }

@@ -3,17 +3,17 @@
 No weights can be downloaded here, so tests, the demo and `--config-only` profiling build models from
 configs (as transformers' own model testers do) and a word-level tokenizer made on the spot. The
 processors are the stock ones, so placeholder expansion (576-style image tokens, LLaVA-NeXT anyres
-counts) is exactly what the real checkpoints get.
+counts, InternVL tiles, Idefics3 / SmolVLM sub-images) is exactly what the real checkpoints get.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from transformers import PreTrainedTokenizerFast
 
-FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision")
+FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "idefics3", "smolvlm")
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>")
 BASE_WORDS = (
     "USER : ASSISTANT SYSTEM what is the a an of in on at to and or yes no color shape how many left right "
@@ -22,24 +22,46 @@ BASE_WORDS = (
     "? . , ! ' \" - _ ( ) [ ] = + / * # @"
 ).split() + [str(i) for i in range(101)]
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER : {% else %}ASSISTANT : {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image> {% elif part['type'] == 'video' %}<video> "
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %} </s>{% endif %} "
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
-)
+def chat_template(image: str = "<image>", video: str = "<video>") -> str:
+    """The tiny models' chat template (USER / ASSISTANT turns), rendering image and video parts as the
+    family's placeholder strings (the processor's ``image_token`` / ``video_token``)."""
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER : {% else %}ASSISTANT : {% endif %}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' %}}{image} {{% elif part['type'] == 'video' %}}{video} "
+        "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "{% if message['role'] == 'assistant' %} </s>{% endif %} "
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+    )
 
 
-def build_tokenizer(words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
-    """A whitespace/punctuation word-level tokenizer over `BASE_WORDS` + `words`, with LLaVA's specials."""
+CHAT_TEMPLATE = chat_template()
+# the placeholder and tag tokens of the InternVL and Idefics3 / SmolVLM tokenizers (named as their processors
+# read them from the tokenizer), and the 6 x 6 sub-image tags Idefics3's processor looks up
+INTERNVL_SPECIALS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
+IDEFICS3_SPECIALS = {
+    "fake_image_token": "<fake_token_around_image>",
+    "global_image_token": "<global-img>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
+IDEFICS3_TAGS = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
+
+
+def build_tokenizer(
+    words: Iterable[str] = (), specials: Mapping[str, str] | None = None, tags: Iterable[str] = ()
+) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer over `BASE_WORDS` + `words`, with LLaVA's specials.
+
+    `specials`: more named special tokens (attribute name -> token, e.g. InternVL's ``context_image_token``);
+    `tags`: more unnamed special tokens (Idefics3's sub-image tags). Both get ids right after LLaVA's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    specials = dict(specials or {})
+    tags = tuple(tags)
     vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *BASE_WORDS, *words):
+    for token in (*SPECIAL_TOKENS, *specials.values(), *tags, *BASE_WORDS, *words):
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -50,14 +72,17 @@ def build_tokenizer(words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>", **specials},
     )
+    if tags:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(tags)})  # already in the vocabulary
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
 def tiny_text_config(family: str, vocab_size: int, num_layers: int, attn: str, decoder: str | None = None, **overrides):
-    """Llama for LLaVA / LLaVA-NeXT, Qwen2 for OneVision; `decoder="mistral"` for LLaVA-NeXT-Mistral."""
+    """Llama for LLaVA / LLaVA-NeXT / Idefics3 / SmolVLM, Qwen2 for OneVision and InternVL (InternVL3's
+    decoder); `decoder="mistral"` for LLaVA-NeXT-Mistral."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -74,7 +99,7 @@ def tiny_text_config(family: str, vocab_size: int, num_layers: int, attn: str, d
         attn_implementation=attn,
     )
     common.update(overrides)
-    decoder = decoder or ("qwen2" if family == "llava_onevision" else "llama")
+    decoder = decoder or ("qwen2" if family in ("llava_onevision", "internvl") else "llama")
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
     if decoder not in classes:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(classes)}")
@@ -95,7 +120,7 @@ def tiny_model(
     words: Iterable[str] = (),
     seed: int = 0,
     image_size: int | None = None,
-    patch_size: int = 6,
+    patch_size: int | None = None,
     device: str | torch.device = "cpu",
     decoder: str | None = None,
     **text_overrides,
@@ -104,13 +129,18 @@ def tiny_model(
 
     `decoder` picks the text model ("llama", "mistral", "qwen2"); `text_overrides` go to its config.
     `image_size` defaults to 30 (a 5x5 patch grid), 24 for LLaVA-NeXT-Video, whose processor counts
-    ``grid // 4`` tokens per frame and so needs an even grid.
+    ``grid // 4`` tokens per frame and so needs an even grid. InternVL, Idefics3 and SmolVLM use 24-px
+    tiles / sub-images of 4-px patches (a 6x6 grid, pixel-shuffled by 2: 9 placeholders each); the others
+    6-px patches.
     """
     import transformers as tf
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if family in TILED:
+        return tiled_model(family, num_layers, attn, words, seed, image_size or 24, patch_size or 4, device, decoder, **text_overrides)
     image_size = image_size or (24 if family == "llava_next_video" else 30)
+    patch_size = patch_size or 6
     tokenizer = build_tokenizer(words)
     vocab_size = len(tokenizer)
     text = tiny_text_config(family, vocab_size, num_layers, attn, decoder, **text_overrides)
@@ -192,7 +222,77 @@ def tiny_model(
             chat_template=CHAT_TEMPLATE,
         )
     config.pad_token_id = tokenizer.pad_token_id
+    return instantiate(model_cls, config, processor, attn, seed, device)
+
+
+def instantiate(model_cls: type, config, processor, attn: str, seed: int, device: str | torch.device):
+    """(model, processor): `model_cls` built from `config` with seeded random weights, in eval mode."""
     torch.manual_seed(seed)
     model = model_cls._from_config(config, attn_implementation=attn).to(device).eval()
     check_attention(model, attn)
     return model, processor
+
+
+TILED = ("internvl", "idefics3", "smolvlm")  # families whose images become several tiles / sub-images
+
+
+def tiled_model(
+    family: str,
+    num_layers: int,
+    attn: str,
+    words: Iterable[str],
+    seed: int,
+    tile: int,
+    patch_size: int,
+    device: str | torch.device,
+    decoder: str | None,
+    **text_overrides,
+):
+    """InternVL (tiles by aspect ratio, up to 6 + a thumbnail) and Idefics3 / SmolVLM (images resized to a
+    longest edge of 2 tiles, split into ``tile``-px sub-images + a global view): ``tile``-px vision inputs of
+    ``patch_size`` patches, pixel-shuffled by 2, so ``(tile // patch_size // 2) ** 2`` placeholders each."""
+    import transformers as tf
+
+    internvl = family == "internvl"
+    tokenizer = build_tokenizer(words, INTERNVL_SPECIALS) if internvl else build_tokenizer(words, IDEFICS3_SPECIALS, IDEFICS3_TAGS)
+    text = tiny_text_config(family, len(tokenizer), num_layers, attn, decoder, **text_overrides)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=tile, patch_size=patch_size)
+    tokens = (tile // patch_size // 2) ** 2  # placeholders per tile / sub-image
+    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    if internvl:
+        template = chat_template(image=INTERNVL_SPECIALS["context_image_token"])
+        config = tf.InternVLConfig(
+            vision_config=tf.InternVLVisionConfig(**vision),
+            text_config=text,
+            image_token_id=tokenizer.context_image_token_id,
+            image_seq_length=tokens,
+            downsample_ratio=0.5,
+        )
+        square = {"height": tile, "width": tile}
+        processor = tf.InternVLProcessor(
+            image_processor=tf.GotOcr2ImageProcessor(size=square, crop_to_patches=True, min_patches=1, max_patches=6, **norm),
+            tokenizer=tokenizer,
+            video_processor=tf.InternVLVideoProcessor(size=square, **norm),
+            image_seq_length=tokens,
+            chat_template=template,
+        )
+        return instantiate(tf.InternVLForConditionalGeneration, config, processor, attn, seed, device)
+    smolvlm = family == "smolvlm"
+    config_cls, vision_cls = (tf.SmolVLMConfig, tf.SmolVLMVisionConfig) if smolvlm else (tf.Idefics3Config, tf.Idefics3VisionConfig)
+    config = config_cls(
+        vision_config=vision_cls(**vision),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+    )
+    sizes = dict(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile}, **norm)
+    parts = dict(tokenizer=tokenizer, image_seq_len=tokens, chat_template=CHAT_TEMPLATE)
+    if smolvlm:
+        processor = tf.SmolVLMProcessor(  # needs the num2words package (its video prompts spell durations)
+            image_processor=tf.SmolVLMImageProcessor(do_image_splitting=True, **sizes),
+            video_processor=tf.SmolVLMVideoProcessor(**sizes),
+            **parts,
+        )
+        return instantiate(tf.SmolVLMForConditionalGeneration, config, processor, attn, seed, device)
+    processor = tf.Idefics3Processor(image_processor=tf.Idefics3ImageProcessor(do_image_splitting=True, **sizes), **parts)
+    return instantiate(tf.Idefics3ForConditionalGeneration, config, processor, attn, seed, device)

@@ -1,0 +1,235 @@
+"""Beyond LLaVA: InternVL (tiles) and Idefics3 / SmolVLM (sub-images + a global view) keep the invariants of
+DESIGN.md section 6 with their real classes and processors: ratio 1 == dense, cached == uncached and a
+left-padded batch == each sample alone at the logit level, text + trunc(r * n_vision) tokens per MoD layer
+(measured == accounted, FLOPs and KV entries), exact save/reload, p-MoD and gamma-MoD (ARank)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_routers
+from logits import assert_batch_equals_single, assert_cached_equals_uncached, assert_logits_close, generate_logits
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import mllm_mod
+from mllm_mod.arank import arank
+from mllm_mod.efficiency import efficiency
+from mllm_mod.flops import DecoderShape, kept_tokens, prefill_cost
+from mllm_mod.tiny import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = ["internvl", "idefics3", "smolvlm"]
+DECODERS = {"internvl": "Qwen2Model", "idefics3": "LlamaModel", "smolvlm": "LlamaModel"}
+# 20 px: one tile / no split; the others several tiles (InternVL: by aspect ratio, up to 6 + a thumbnail;
+# Idefics3 / SmolVLM: a grid of 24-px sub-images + the global view), so every sample has its own count
+IMAGE_SIZES = [(20, 20), (30, 30), (40, 70), (70, 35)]
+SAMPLES = [  # (images of the sample, question): two images in the first prompt
+    ((0, 2), "what color is the object ?"),
+    ((1,), "how many objects are there in the picture ?"),
+    ((3,), "is there a red circle ?"),
+]
+# placeholders per sample as the stock processors count them, 9 per tile / sub-image. InternVL: 1 tile for
+# 20 px, 6 + a thumbnail for 40x70 | 1 | 2 + thumbnail. Idefics3 / SmolVLM: global only for 20 px, 2x2 + global
+# for 40x70 | 2x2 + global | 2x1 + global
+N_VISION = {"internvl": [72, 9, 27], "idefics3": [90, 45, 27], "smolvlm": [90, 45, 27]}
+
+
+def family_inputs(processor, family: str, samples=SAMPLES, padding_side: str = "left") -> dict:
+    """The processor's batch for `samples` ([B, T] ids; InternVL: [tiles, C, H, W] pixels; Idefics3 /
+    SmolVLM: [B, images, C, H, W] sub-image pixels)."""
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
+    token = processor.image_token
+    texts = [f"USER : {' '.join([token] * len(idx))} {q} ASSISTANT :" for idx, q in samples]
+    nested = [[pictures[i] for i in idx] for idx, _ in samples]
+    images = [p for row in nested for p in row] if family == "internvl" else nested  # InternVL takes a flat list
+    processor.tokenizer.padding_side = padding_side
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def alone(processor, family: str) -> list[dict]:
+    """Each sample of `SAMPLES` processed alone (no padding)."""
+    return [family_inputs(processor, family, [s]) for s in SAMPLES]
+
+
+def n_vision(model, inputs: dict) -> list[int]:
+    ids = torch.tensor(mllm_mod.adapter_for(model).vision_token_ids(model.config))
+    return (torch.isin(inputs["input_ids"], ids) & inputs["attention_mask"].bool()).sum(1).tolist()
+
+
+def pmod_model(family: str, attn: str = "sdpa", num_layers: int = 4):
+    model, processor = tiny_model(family, num_layers=num_layers, attn=attn)
+    mllm_mod.retrofit(model, "pmod")  # 4 layers: layer 0 dense, 1-3 at 0.75, 0.25, 0.15
+    randomize_routers(model)
+    return model, processor
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_is_the_real_class_with_tiles(family):
+    model, processor = tiny_model(family)
+    assert type(mllm_mod.adapter_for(model).decoder(model)).__name__ == DECODERS[family]
+    inputs = family_inputs(processor, family)
+    assert n_vision(model, inputs) == N_VISION[family]
+    tiles = inputs["pixel_values"].shape[0] if family == "internvl" else int(inputs["pixel_attention_mask"].any(-1).any(-1).sum())
+    assert tiles == sum(N_VISION[family]) // 9  # 9 placeholders per tile / sub-image
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_one_equals_dense(family, attn):
+    model, processor = tiny_model(family, attn=attn)
+    inputs = family_inputs(processor, family)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        dense = model(**inputs, output_hidden_states=True)
+    dense_tokens, dense_logits = generate_logits(model, inputs, 4)
+    mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=1.0)
+    assert all(isinstance(layer, mllm_mod.MoDLayer) for layer in mllm_mod.adapter_for(model).layers(model))
+    with torch.no_grad():
+        mod = model(**inputs, output_hidden_states=True)
+    assert_logits_close(mod.logits[real], dense.logits[real], f"ratio 1 == dense ({family}, {attn})")
+    assert len(mod.hidden_states) == len(dense.hidden_states) == 5  # invariant 7: full length, every layer
+    for h_mod, h_dense in zip(mod.hidden_states, dense.hidden_states):
+        assert h_mod.shape == h_dense.shape
+        torch.testing.assert_close(h_mod[real], h_dense[real], atol=1e-5, rtol=1e-5)
+    mod_tokens, mod_logits = generate_logits(model, inputs, 4)
+    assert_logits_close(mod_logits, dense_logits, f"ratio 1 == dense, generation ({family}, {attn})")
+    assert torch.equal(mod_tokens, dense_tokens)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_equals_uncached(family, attn):
+    model, processor = pmod_model(family, attn)
+    assert_cached_equals_uncached(model, family_inputs(processor, family), 5, f"cached == uncached (pmod, {family})")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_one_by_one(family):
+    model, processor = pmod_model(family)
+    batch, singles = family_inputs(processor, family), alone(processor, family)
+    check = f"left-padded batch == alone (pmod, {family})"
+    assert_batch_equals_single(model, batch, singles, 5, check)
+    with torch.no_grad():  # every real prompt position too
+        batch_logits = model(**batch).logits  # [B, T, V]
+        for i, one in enumerate(singles):
+            assert_logits_close(batch_logits[i, batch["attention_mask"][i].bool()], model(**one).logits[0], check)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kept_tokens_kv_entries_and_flops_match_the_accounting(family):
+    model, processor = pmod_model(family, "eager")  # the FLOP counter sees eager attention's matmuls
+    inputs = family_inputs(processor, family)
+    report = efficiency(model, inputs)
+    assert report.accounting_matches, report.mismatches
+    assert report.n_vision == N_VISION[family]
+    ratios = mllm_mod.layer_ratios(model)
+    for b, (t, v) in enumerate(zip(report.n_text, report.n_vision)):  # text + trunc(r * n_vision), per layer
+        expected = kept_tokens(ratios, t, v)
+        assert [layer[b] for layer in report.kept_per_layer] == expected
+        assert [layer[b] for layer in report.kv_entries_per_layer] == expected
+    # FLOPs: FlopCounterMode on the decoder of one (unpadded) sample with two images == flops.py
+    one = family_inputs(processor, family, SAMPLES[:1])
+    decoder = mllm_mod.adapter_for(model).decoder(model)
+    name = next(n for n, m in model.named_modules() if m is decoder)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**one, use_cache=False)
+    counts = counter.get_flop_counts()
+    flops = {k.split(".", 1)[-1]: sum(v.values()) for k, v in counts.items()}  # keys: "<Class>.<module path>"
+    measured = flops[name] - flops.get(f"{name}.rotary_emb", 0)  # RoPE's outer product is not accounted
+    shape = DecoderShape.from_config(mllm_mod.adapter_for(model).text_config(model.config))
+    v = N_VISION[family][0]
+    assert measured == prefill_cost(shape, ratios, one["input_ids"].shape[1] - v, v).decoder_flops
+
+
+RELOAD_SCRIPT = """
+import sys, torch, mllm_mod
+from mllm_mod.tiny import tiny_model
+from test_families import FAMILIES, family_inputs
+root = sys.argv[1]
+for family in FAMILIES:
+    for kind in ("adapter", "full"):
+        model, processor = tiny_model(family, num_layers=4, seed=0)
+        path = f"{root}/{family}-{kind}"
+        model = mllm_mod.load_mod(model, path) if kind == "adapter" else mllm_mod.from_pretrained(path)
+        with torch.no_grad():
+            torch.save(model(**family_inputs(processor, family)).logits, f"{path}.pt")
+"""
+
+
+def test_save_and_reload_in_a_fresh_process(tmp_path):
+    """save_mod -> load_mod and save_pretrained -> mllm_mod.from_pretrained, in one fresh process for all."""
+    expected = {}
+    for family in FAMILIES:
+        model, processor = pmod_model(family)
+        with torch.no_grad():
+            expected[family] = model(**family_inputs(processor, family)).logits
+        mllm_mod.save_mod(model, tmp_path / f"{family}-adapter")
+        model.save_pretrained(tmp_path / f"{family}-full")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(tmp_path)], check=True, env=env)
+    for family in FAMILIES:
+        for kind in ("adapter", "full"):
+            assert torch.equal(torch.load(tmp_path / f"{family}-{kind}.pt"), expected[family]), f"{family} {kind}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gmod_from_an_arank_calibration(family, tmp_path):
+    model, processor = tiny_model(family, num_layers=6)
+    inputs = family_inputs(processor, family)
+    report = arank(model, [inputs], progress=False)
+    assert report.samples == 3 and len(report.layer_arank) == 6
+    assert model.config.get_text_config(decoder=True)._attn_implementation == "sdpa"  # restored
+    mllm_mod.retrofit(model, "gmod", arank=report)
+    ratios = mllm_mod.layer_ratios(model)
+    assert [i for i, r in enumerate(ratios) if r == 1.0] == report.dense_layers()  # 1 of 6 stays dense
+    randomize_routers(model, scale=2.0)
+    effect = efficiency(model, inputs)  # threshold routing: data-dependent counts, measured == cache
+    assert effect.accounting_matches, effect.mismatches
+    assert_cached_equals_uncached(model, inputs, 4, f"cached == uncached (gmod, {family})")
+
+
+def test_profile_config_only_reference_shapes(capsys):
+    """InternVL3-8B (28 layers) and SmolVLM (24 layers) on the meta device: PRD uses pi / (L - 1); the
+    profile prints dense vs MoD TFLOPs and KV bytes from the same accounting."""
+    import math
+
+    from transformers import AutoModelForImageTextToText
+
+    from mllm_mod.cli import main
+    from mllm_mod.reference_shapes import REFERENCE_SHAPES
+
+    for name, layers in (("internvl3-8b", 28), ("smolvlm-2b", 24)):
+        ref = REFERENCE_SHAPES[name]
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(ref.config())
+        mllm_mod.retrofit(model, "pmod")
+        curve = [0.5 * math.cos(i * math.pi / (layers - 1)) + 0.5 for i in range(layers)]
+        assert mllm_mod.layer_ratios(model) == pytest.approx([1.0 if r > 0.85 else max(r, 0.15) for r in curve])
+        shape = DecoderShape.from_config(mllm_mod.adapter_for(model).text_config(model.config))
+        dense = prefill_cost(shape, [1.0] * layers, ref.n_text, ref.n_vision, 2)
+        mod = prefill_cost(shape, mllm_mod.layer_ratios(model), ref.n_text, ref.n_vision, 2)
+        assert main(["profile", name, "--config-only"]) == 0
+        out = capsys.readouterr().out
+        assert f"{layers} layers, {ref.n_vision} vision + 64 text tokens" in out
+        assert f"| prefill TFLOPs / sample | {dense.tflops:.3f} | {mod.tflops:.3f} |" in out
+        assert 0.5 < mod.kv_bytes / dense.kv_bytes < 0.6 and 0.5 < mod.tflops / dense.tflops < 0.6
+
+
+def test_unsupported_family_is_refused_listing_the_supported_ones():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2))
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    with pytest.raises(ValueError, match=r"'qwen2_vl' is not supported; supported families: Idefics3 / SmolVLM \(idefics3/smolvlm\), InternVL \(internvl\), LLaVA-1.5"):
+        mllm_mod.retrofit(model, "pmod")
