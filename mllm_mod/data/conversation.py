@@ -3,9 +3,11 @@
 The prompt is the model's own chat template rendered by its processor, so training sees exactly what
 inference sees. Labels come from character spans: assistant turn k is the text between the template
 rendered up to turn k with the generation prompt and the template rendered through turn k (so the
-end-of-turn tokens are learned too). The text is tokenized once without expanding placeholders (with
-offsets, to find the label tokens) and once by the processor (which expands every ``<image>`` into the
-model's image-token count); the two are aligned token by token, every non-vision token must agree.
+end-of-turn tokens are learned too). The processor expands each image / video placeholder into the model's
+own layout (a run of placeholders for LLaVA; ``<img>`` + tiles + ``</img>`` for InternVL; tagged sub-images
+and a global view for Idefics3 / SmolVLM) and reports where each expansion landed in the text
+(``text_replacement_offsets``); with the tokenizer's character offsets, that places every label and every
+vision block exactly, whatever tokens the expansion holds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ PLACEHOLDERS = {"image": "<image>", "video": "<video>"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _SPLIT = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS.values()) + ")")
 # processor outputs with one row per image / per video, and per-sample image counts
-IMAGE_KEYS = ("pixel_values", "image_sizes")
+IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_attention_mask")
 VIDEO_KEYS = ("pixel_values_videos", "video_sizes")
 COUNT_KEYS = {"batch_num_images": "image"}
 TEXT_KEYS = ("input_ids", "attention_mask")
@@ -74,7 +76,8 @@ def assistant_spans(processor: Any, messages: list[dict[str, Any]]) -> tuple[str
 
 @dataclass
 class Encoded:
-    """One sample ready for the collator. Vision blocks are runs of vision tokens: (start, end, kind, n)."""
+    """One sample ready for the collator. Vision blocks are the token ranges of each image / video's
+    expansion: (start, end, kind, 1), in order."""
 
     tensors: dict[str, torch.Tensor]
     blocks: list[tuple[int, int, str, int]]
@@ -88,49 +91,39 @@ def encode(
 ) -> Encoded:
     """input_ids [T], attention_mask [T], labels [T] and the processor's vision tensors for one sample."""
     text, spans = assistant_spans(processor, messages)
-    tokenizer = processor.tokenizer
-    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+    kwargs: dict[str, Any] = {
+        "text": [text],
+        "return_tensors": "pt",
+        "return_offsets_mapping": True,  # character range of each token in the expanded text
+        "return_text_replacement_offsets": True,  # where each placeholder's expansion landed
+    }
     if images:
-        kwargs["images"] = images
+        kwargs["images"] = images  # one sample: every processor takes its pictures as a flat list
     if videos:
         kwargs["videos"] = videos
     out = processor(**kwargs)
-    expanded = out["input_ids"][0].tolist()
-    plain = tokenizer(text, return_offsets_mapping=True)
-    vision_ids = {kind: tokenizer.convert_tokens_to_ids(p) for kind, p in PLACEHOLDERS.items()}
-    kind_of = {i: kind for kind, i in vision_ids.items() if i is not None and i != tokenizer.unk_token_id}
-    in_span = [any(s < end and e > start for start, end in spans) for s, e in plain["offset_mapping"]]
+    offsets = [tuple(o) for o in out.pop("offset_mapping")[0].tolist()]  # [T] (start, end) in the expanded text
+    replacements = (out.pop("text_replacement_offsets", None) or [[]])[0]
+    if len(replacements) != len(images) + len(videos):
+        raise ValueError(
+            f"the processor expanded {len(replacements)} placeholder(s) for {len(images)} image(s) and "
+            f"{len(videos)} video(s); the chat template must render one placeholder per image / video"
+        )
+    # an assistant span's characters move right by what every expansion before it added
+    grown = [(r["span"][1], (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0])) for r in replacements]
+    shifted = [tuple(c + sum(g for end, g in grown if end <= c) for c in span) for span in spans]
 
-    labels: list[int] = []
     blocks: list[tuple[int, int, str, int]] = []
-    i = j = 0
-    ids = plain["input_ids"]
-    while j < len(ids):
-        token = ids[j]
-        if token in kind_of:
-            n = 0
-            while j < len(ids) and ids[j] == token:
-                j, n = j + 1, n + 1
-            start = i
-            while i < len(expanded) and expanded[i] == token:
-                i += 1
-            if i == start:
-                raise ValueError(f"the processor did not expand the {kind_of[token]} placeholder at token {start}")
-            blocks.append((start, i, kind_of[token], n))
-            labels.extend([IGNORE_INDEX] * (i - start))
-            continue
-        if i >= len(expanded) or expanded[i] != token:
-            raise ValueError(
-                f"processor output and tokenized template text differ at token {i}; "
-                "the processor must only expand vision placeholders"
-            )
-        labels.append(token if in_span[j] else IGNORE_INDEX)
-        i, j = i + 1, j + 1
-    if i != len(expanded):
-        raise ValueError(f"processor output has {len(expanded) - i} more tokens than the template text")
-
+    for r in replacements:
+        start, end = r["new_span"]
+        inside = [i for i, (s, e) in enumerate(offsets) if e > s and start <= s and e <= end]
+        if not inside:
+            raise ValueError(f"the processor expanded the {r['type']} placeholder at character {start} into no token")
+        blocks.append((inside[0], inside[-1] + 1, r["type"], 1))
+    ids = out["input_ids"][0]
+    learned = torch.tensor([any(s < end and e > start for start, end in shifted) for s, e in offsets], dtype=torch.bool)
     tensors = {k: v[0] if k in TEXT_KEYS else v for k, v in out.items()}
-    tensors["labels"] = torch.tensor(labels, dtype=torch.long)  # [T]
+    tensors["labels"] = torch.where(learned, ids, IGNORE_INDEX)  # [T]
     return Encoded(tensors, blocks)
 
 
@@ -147,14 +140,19 @@ def truncate(encoded: Encoded, max_length: int) -> Encoded:
             cut = start
     kept_blocks = [b for b in blocks if b[1] <= cut]
     keep = {kind: sum(n for _, _, k, n in kept_blocks if k == kind) for kind in PLACEHOLDERS}
+    total = {kind: sum(n for _, _, k, n in blocks if k == kind) for kind in PLACEHOLDERS}
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
+        kind = "image" if key in IMAGE_KEYS else "video" if key in VIDEO_KEYS else None
+        if kind is not None and keep[kind] < total[kind] and value.shape[0] != total[kind]:
+            raise ValueError(  # InternVL's rows are tiles, Idefics3's one row holds every sub-image
+                f"truncation to {max_length} tokens would drop a {kind}, and processor output {key!r} does not hold "
+                f"one row per {kind} ({value.shape[0]} rows for {total[kind]}); raise max_length"
+            )
         if key in (*TEXT_KEYS, "labels"):
             out[key] = value[:cut]
-        elif key in IMAGE_KEYS:
-            out[key] = value[: keep["image"]]
-        elif key in VIDEO_KEYS:
-            out[key] = value[: keep["video"]]
+        elif kind is not None:
+            out[key] = value[: keep[kind]]
         elif key in COUNT_KEYS:
             out[key] = torch.full_like(value, keep[COUNT_KEYS[key]])
         else:
