@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -46,6 +47,8 @@ class BenchOptions:
     repeats: int = 10
     sections: tuple[str, ...] = ("correctness", "prefill", "train", "decode", "kv")
     compile: bool = False  # torch.compile the stock decoder layers (dense and MoD alike; see mllm_mod.compiled)
+    num_layers: int = 8  # decoder depth of the "tiny" shape
+    overrides: dict[str, Any] = field(default_factory=dict)  # MoDConfig fields over the preset
 
 
 @dataclass
@@ -59,6 +62,7 @@ class BenchResults:
     kv: dict[str, Any] = field(default_factory=dict)
     correctness: dict[str, Any] = field(default_factory=dict)
     layer_cost_ms: dict[int, dict[int, float]] = field(default_factory=dict)  # batch -> tokens -> ms
+    ops: list[dict[str, Any]] = field(default_factory=list)  # op counts (`bench_ops`)
 
 
 # -- timing ----------------------------------------------------------------------------------------
@@ -98,7 +102,7 @@ def build_model(options: BenchOptions) -> tuple[nn.Module, int]:
     if options.shape == TINY:
         from .tiny import tiny_model
 
-        model, _ = tiny_model("llava", num_layers=8, device=options.device)
+        model, _ = tiny_model("llava", num_layers=options.num_layers, device=options.device)
         model, n_vision = model.to(dtype), 25
     elif options.shape in REFERENCE_SHAPES:
         ref = REFERENCE_SHAPES[options.shape]
@@ -110,7 +114,7 @@ def build_model(options: BenchOptions) -> tuple[nn.Module, int]:
     else:
         raise ValueError(f"unknown shape {options.shape!r}; choose from {[TINY, *REFERENCE_SHAPES]}")
     model.eval()
-    retrofit(model, options.preset)
+    retrofit(model, options.preset, **options.overrides)
     with torch.no_grad():  # trained-like routers, so the kept sets are scattered, not a prefix
         gen = torch.Generator(device="cpu").manual_seed(0)
         for name, p in model.named_parameters():
@@ -288,6 +292,108 @@ def bench_correctness(model: nn.Module, options: BenchOptions, n_vision: int, re
         results.correctness[f"{label}_cached_equals_uncached"] = f"{int(same.sum())}/{len(same)} samples"
 
 
+# -- op counts (kernel launches) ----------------------------------------------------------------------
+# What is counted: the aten ops a forward dispatches, at the leaves of the call tree, leaving out
+# - views, metadata and allocations (`NOT_LAUNCHES`): they launch nothing;
+# - a conversion that returns its input (`PASS_THROUGH` with nothing under it) *inside* another op
+#   (`gather` checks its index dtype with a `to`): nothing happens there.
+# So `aten::linear` counts as its `addmm`, `aten::to` with a copy as its `copy_`, `sort` as the copies
+# and the `arange` under it. A conversion that returns its input and is called by the model code itself
+# (`x.to(dtype)` already of that dtype) counts: it launches nothing but still costs a dispatcher round
+# trip on the host, and is dropped the same way. On a GPU each counted op is about one kernel launch
+# (~5 us of host time), which is what decides batch-1 latency and decoding speed while the device waits
+# for the host; `_local_scalar_dense` (`.item()`, `bool(t)`, `.cpu()` of a scalar) is a host sync.
+NOT_LAUNCHES = frozenset(
+    "aten::" + name
+    for name in (
+        "view", "_unsafe_view", "view_as", "reshape", "_reshape_alias", "expand", "expand_as", "as_strided",
+        "slice", "select", "unsqueeze", "squeeze", "permute", "transpose", "t", "alias", "detach", "detach_",
+        "unbind", "split", "split_with_sizes", "chunk", "narrow", "unflatten", "flatten", "movedim",
+        "diagonal", "empty", "empty_strided", "empty_like", "resize_", "resolve_conj", "resolve_neg",
+        "lift_fresh", "size", "stride", "sym_size", "dim", "is_same_size", "result_type",
+        "_has_compatible_shallow_copy_type",
+    )
+)
+PASS_THROUGH = frozenset({"aten::to", "aten::contiguous", "aten::type_as"})
+
+
+def count_ops(fn: Callable[[], Any]) -> Counter[str]:
+    """The ops `fn` dispatches on this thread, by name, counted as above. The count is exact and
+    repeatable (no timing involved), so it is measured on the CPU for what it costs on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: Counter[str] = Counter()
+
+    def visit(event: Any, inside: bool) -> bool:  # True when `event` or one of its descendants counted
+        below = False
+        for child in event.cpu_children:
+            below |= visit(child, inside or event.name.startswith("aten::"))
+        name = event.name
+        if below or not name.startswith("aten::") or name in NOT_LAUNCHES:
+            return below
+        if inside and name in PASS_THROUGH and not event.cpu_children:
+            return False
+        counts[name] += 1
+        return True
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            visit(event, False)
+    return counts
+
+
+def left_padded(ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T] with row i left-padded by ``i * pad`` tokens (its text cut; the
+    first row is the longest), or a single row by `pad`."""
+    mask = torch.ones_like(ids)
+    for i in range(ids.shape[0]):
+        mask[i, : (i if ids.shape[0] > 1 else 1) * pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def ops_row(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, phase: str) -> dict[str, Any]:
+    """Ops of one whole-model forward, dense and MoD: ``"prefill"`` of `ids`, or ``"decode"`` (one greedy
+    step after the prefill and one warm-up step, as `generate` calls it: explicit position ids, the cache)."""
+    from .compat import CACHE_KWARG
+    from .retrofit import mod_layer_map
+
+    row: dict[str, Any] = {"phase": phase, "batch": ids.shape[0], "padded": bool((mask == 0).any()), "mod_layers": len(mod_layer_map(model))}
+    for label in ("dense", "mod"):
+        with mode(model, label), torch.no_grad():
+            if phase == "prefill":
+                counts = count_ops(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1))
+            else:
+                out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                cache, step_mask, token = output_cache(out), mask, out.logits[:, -1:].argmax(-1)  # [B, 1]
+                for step in range(2):  # a warm-up step, then the counted one
+                    step_mask = torch.cat([step_mask, torch.ones_like(token)], dim=1)  # [B, S + 1]
+                    positions = step_mask.sum(dim=1, keepdim=True) - 1  # [B, 1]
+                    kwargs = {"input_ids": token, "attention_mask": step_mask, "position_ids": positions, CACHE_KWARG: cache}
+                    if step == 0:
+                        token = model(**kwargs, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+                    else:
+                        counts = count_ops(lambda kw=kwargs: model(**kw, use_cache=True, logits_to_keep=1))
+        row[f"{label}_ops"] = sum(counts.values())
+        row[f"{label}_by_op"] = dict(counts.most_common())
+    row["per_mod_layer"] = (row["mod_ops"] - row["dense_ops"]) / max(row["mod_layers"], 1)
+    return row
+
+
+def bench_ops(model: nn.Module, options: BenchOptions, n_vision: int, results: BenchResults) -> None:
+    """Whole-model op counts, dense vs MoD, prefill at each prefill batch (without padding, and left-padded)
+    and one decoding step at each decode batch (left-padded); the difference per MoD layer."""
+    pad = max(1, options.n_text // 8)
+    for b in options.prefill_batches:
+        ids = placeholder_batch(model, b, n_vision, options.n_text)
+        results.ops.append(ops_row(model, ids, torch.ones_like(ids), "prefill"))
+        results.ops.append(ops_row(model, *left_padded(ids, pad), "prefill"))
+    for b in options.decode_batches:
+        ids = placeholder_batch(model, b, n_vision, options.n_text)
+        results.ops.append(ops_row(model, *left_padded(ids, pad), "decode"))
+
+
 def run_benchmark(options: BenchOptions, progress: bool = True) -> BenchResults:
     from tqdm.auto import tqdm
 
@@ -304,6 +410,7 @@ def run_benchmark(options: BenchOptions, progress: bool = True) -> BenchResults:
         "train": lambda: bench_train(model, options, n_vision, timer, results),
         "decode": lambda: bench_decode(model, options, n_vision, timer, results),
         "kv": lambda: bench_kv(model, options, n_vision, results),
+        "ops": lambda: bench_ops(model, options, n_vision, results),
     }
     unknown = set(options.sections) - set(sections)
     if unknown:
@@ -316,13 +423,20 @@ def run_benchmark(options: BenchOptions, progress: bool = True) -> BenchResults:
 # -- reporting ---------------------------------------------------------------------------------------
 def markdown(results: BenchResults) -> str:
     o = results.options
+    shape = f"{o['shape']} ({o['num_layers']} layers)" if o["shape"] == TINY else o["shape"]
+    overrides = "".join(f", {k}={v}" for k, v in o.get("overrides", {}).items())
     lines = [
-        f"**{o['shape']}**, preset `{o['preset']}`, {o['n_vision']} vision + {o['n_text']} text tokens, "
-        f"{o['dtype']}, {'stock layers compiled (torch.compile), ' if o.get('compile') else ''}on {results.device_name}",
+        (
+            f"**{shape}**, preset `{o['preset']}`{overrides}, {o['n_vision']} vision + {o['n_text']} text tokens, "
+            f"{o['dtype']}, {'stock layers compiled (torch.compile), ' if o.get('compile') else ''}on {results.device_name}"
+        ),
         "",
-        "| measurement | dense | MoD | ideal | MoD / dense | ideal / dense | MoD / ideal |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    if results.prefill or results.train or results.decode or results.kv:
+        lines += [
+            "| measurement | dense | MoD | ideal | MoD / dense | ideal / dense | MoD / ideal |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
     for r in results.prefill:
         d, m, i = r["dense_ms"], r["mod_ms"], r["ideal_ms"]
         lines.append(f"| prefill ms, batch {r['batch']} | {d:.2f} | {m:.2f} | {i:.2f} | {m / d:.3f} | {i / d:.3f} | {m / i:.3f} |")
@@ -342,6 +456,8 @@ def markdown(results: BenchResults) -> str:
             f"| KV MiB after prefill, batch {kv['batch']} (MoD measured / accounted: {mm / ma:.4f}) "
             f"| {dm / 2**20:.2f} | {mm / 2**20:.2f} | | {mm / dm:.3f} | | |"
         )
+    if results.ops:
+        lines += ["", ops_markdown(results)] if lines[-1] else [ops_markdown(results)]
     if results.correctness:
         c = results.correctness
         lines += [
@@ -350,6 +466,25 @@ def markdown(results: BenchResults) -> str:
             f"{c['ratio1_max_abs_logit_diff']:.3g} (logit scale {c['logit_scale']:.3g}); cached == uncached greedy "
             f"tokens: dense {c['dense_cached_equals_uncached']}, MoD {c['mod_cached_equals_uncached']}.",
         ]
+    return "\n".join(lines)
+
+
+def ops_markdown(results: BenchResults) -> str:
+    """The op-count table: whole-model ops dense vs MoD, and the difference per MoD layer."""
+    lines = [
+        "| ops (aten, `bench.count_ops`) | dense, whole model | MoD, whole model | MoD layers | extra per MoD layer | most added |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results.ops:
+        what = "prefill" if r["phase"] == "prefill" else "one decode step"
+        padded = ", left-padded" if r["padded"] else ", no padding"
+        added = Counter(r["mod_by_op"])
+        added.subtract(r["dense_by_op"])
+        top = ", ".join(f"{name.removeprefix('aten::')} {n:+d}" for name, n in added.most_common(4) if n > 0)
+        lines.append(
+            f"| {what}, batch {r['batch']}{padded} | {r['dense_ops']} | {r['mod_ops']} | {r['mod_layers']} "
+            f"| {r['per_mod_layer']:+.1f} | {top} |"
+        )
     return "\n".join(lines)
 
 

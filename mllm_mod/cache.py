@@ -14,14 +14,27 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 class MoDCacheLayer(DynamicLayer):
+    """Per entry: `index` [B, S] (the token's original sequence index), `filled` [B, S] (a kept token of
+    its sample, not a filler slot) and `valid` [B, S] (attendable: filled and not padding).
+
+    The bookkeeping is kept in the form a step needs, so that a decoding step costs what a dense layer's
+    does: entries recorded without an index are the chunk's tokens in order, held as a run (start, length)
+    until someone reads `index`; entries recorded without `filled` / `valid` are all True, held as nothing
+    until read; and `key_valid()` is None while every entry is attendable (the mask is then left out).
+    Reading `index`, `filled` or `valid` materialises the [B, S] tensor; assigning one replaces it.
+    """
+
     is_croppable = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.index: torch.Tensor | None = None  # [B, S] original sequence index of each entry
-        self.filled: torch.Tensor | None = None  # [B, S] a kept token of its sample (not a filler slot)
-        self.valid: torch.Tensor | None = None  # [B, S] attendable: filled and not padding
         self.seen = 0  # tokens of the full sequence this layer has been shown (kept or not)
+        self._entries = 0  # entries recorded (the K/V length once the attention has appended them)
+        self._batch, self._device = 0, None
+        self._index: torch.Tensor | None = None  # [B, S_i]: index of the first S_i entries ...
+        self._run_start, self._run = 0, 0  # ... then `_run` entries with indices _run_start, _run_start + 1, ...
+        self._filled: torch.Tensor | None = None  # [B, S_f]: the first S_f entries; every later one is True
+        self._valid: torch.Tensor | None = None  # [B, S_v]: likewise
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -30,25 +43,98 @@ class MoDCacheLayer(DynamicLayer):
         """Entries stored (the K/V tensors' sequence length)."""
         return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
 
-    def record(self, index: torch.Tensor, filled: torch.Tensor, valid: torch.Tensor, num_tokens: int) -> None:
-        """Book-keeping for the entries the last `update` appended ([B, Tk] each)."""
-        cat = lambda old, new: new if old is None else torch.cat([old, new], dim=1)  # noqa: E731
-        self.index, self.filled, self.valid = cat(self.index, index), cat(self.filled, filled), cat(self.valid, valid)
+    def record(
+        self,
+        num_tokens: int,
+        kept: int,
+        batch: int,
+        device: torch.device,
+        index: torch.Tensor | None = None,
+        filled: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> None:
+        """Book-keeping for the `kept` entries this chunk of `num_tokens` tokens adds ([B, Tk] each):
+        `index` None: the chunk's tokens in order (kept == num_tokens); `filled` / `valid` None: all True."""
+        self._batch, self._device = batch, device
+        if index is None:
+            if self._run and self._run_start + self._run != self.seen:
+                self._materialise_index()
+            if not self._run:
+                self._run_start = self.seen
+            self._run += kept
+        else:
+            self._index = _cat(self.index, index)
+        if filled is not None:
+            self._filled = _cat(self._full(self._filled), filled)
+        if valid is not None:
+            self._valid = _cat(self._full(self._valid), valid)
+        self._entries += kept
         self.seen += num_tokens
+
+    def key_valid(self) -> torch.Tensor | None:
+        """[B, S] attendable entries, or None while every entry is (no mask needed)."""
+        return None if self._valid is None else self.valid
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        self._materialise_index()
+        return self._index
+
+    @index.setter
+    def index(self, value: torch.Tensor) -> None:
+        self._index, self._run, self._entries = value, 0, value.shape[1]
+
+    @property
+    def filled(self) -> torch.Tensor | None:
+        self._filled = self._full(self._filled)
+        return self._filled
+
+    @filled.setter
+    def filled(self, value: torch.Tensor) -> None:
+        self._filled = value
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        self._valid = self._full(self._valid)
+        return self._valid
+
+    @valid.setter
+    def valid(self, value: torch.Tensor) -> None:
+        self._valid = value
+
+    def _materialise_index(self) -> None:
+        if self._run:
+            run = torch.arange(self._run_start, self._run_start + self._run, device=self._device)  # [n]
+            self._index = _cat(self._index, run.expand(self._batch, -1))
+            self._run = 0
+
+    def _full(self, prefix: torch.Tensor | None) -> torch.Tensor | None:
+        """`prefix` [B, S_p] extended with True to every recorded entry (None when nothing is recorded)."""
+        missing = self._entries - (0 if prefix is None else prefix.shape[1])
+        if missing == 0:
+            return prefix
+        return _cat(prefix, torch.ones(self._batch, missing, dtype=torch.bool, device=self._device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.index is not None:
-            beam_idx = beam_idx.to(self.index.device)
-            self.index, self.filled, self.valid = (t.index_select(0, beam_idx) for t in (self.index, self.filled, self.valid))
+        if self._entries:
+            beam_idx = beam_idx.to(self._device)
+            self.index = self.index.index_select(0, beam_idx)
+            for name in ("_filled", "_valid"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, getattr(self, name).index_select(0, beam_idx))
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("cropping a MoD layer's compact cache is not supported")
 
     def reset(self) -> None:
         super().reset()
-        self.index = self.filled = self.valid = None
-        self.seen = 0
+        self._index = self._filled = self._valid = None
+        self._run = self._entries = self.seen = 0
+
+
+def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if old is None else torch.cat([old, new], dim=1)
 
 
 def mod_cache_layer(cache: Cache, layer_idx: int) -> MoDCacheLayer:

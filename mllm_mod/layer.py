@@ -6,11 +6,21 @@ weight format and checkpoint key of the stock model is untouched. Only the kept 
 layer; they keep their original positions (RoPE sees the real indices, with gaps; or renumbered
 positions, gamma-MoD's variant) and attend causally to the kept subset, and to the layer's own compact
 cache when generating.
+
+Cost on the hot path (what `mllm_mod.bench.count_ops` pins in tests/test_launch_budget.py): what every
+layer of a forward shares (token masks, host-side counts, causal templates) is computed once per forward
+on the `RoutingContext`; top-k over vision tokens takes its kept length from host-side counts (one host
+sync per forward) and its kept indices from two sorts (`select.kept_in_order`); a chunk with nothing
+cached before it needs no index arithmetic for its mask. A decoding step -- one new token after a
+cached prefix, with ``decode_skip`` off -- is never routed (a lone vision placeholder arriving as a
+one-token chunk is processed like text): it runs the stock block against the compact cache with the
+cache's key padding mask extended by one column, and no host sync.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +30,9 @@ from torch import nn
 from . import compat
 from .cache import MoDCacheLayer, mod_cache_layer
 from .config import MoDConfig
-from .masks import SDPA_LIKE, allowed_pairs, backend_mask
+from .masks import EAGER_LIKE, FLASH_LIKE, allowed_pairs, backend_mask, causal_in_order, check_window
 from .router import Router, build_router, token_weights
-from .select import keep_count, topk_per_group, topk_per_sample
+from .select import keep_count, keep_count_host, kept_in_order, topk_per_group, topk_per_sample
 
 logger = logging.getLogger(__name__)
 
@@ -68,37 +78,96 @@ class RoutingContext:
     stats: list[LayerStats] | None = field(default=None)
     records: list[RouterRecord] | None = field(default=None)
     _host: torch.Tensor | None = field(default=None, repr=False)
+    _shared: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
-    def host_counts(self, token_mask: torch.Tensor) -> torch.Tensor:
+    def shared(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """A value every MoD layer of this forward shares (masks, templates), made by the first that asks."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
+
+    def token_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """[B, T] bool: real (non-padding) tokens of the current chunk; None when no mask was given."""
+        if self.attention_mask is None:
+            return None
+        return self.shared(("tokens", length, device), lambda: self.attention_mask[:, -length:].to(device=device, dtype=torch.bool))
+
+    def vision(self, token_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, T] bool: candidate (vision) tokens of the chunk that are real tokens; None without candidates."""
+        if self.candidates is None or token_mask is None:
+            return self.candidates
+        return self.shared(("vision", token_mask.device), lambda: self.candidates & token_mask)
+
+    def constant(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A 0-dim tensor on the device, made once per forward (``torch.where(c, t, 1.0)`` would make one per call)."""
+        return self.shared(("constant", value, dtype, device), lambda: torch.full((), value, dtype=dtype, device=device))
+
+    def host_lists(self, token_mask: torch.Tensor | None, batch: int) -> tuple[list[int], bool]:
+        """`host_counts` as Python values: vision tokens per sample, and whether the chunk has any padding."""
+        if "lists" not in self._shared:
+            n_vision, n_padding = self.host_counts(token_mask, batch).tolist()
+            self._shared["lists"] = (n_vision, any(n_padding))
+        return self._shared["lists"]
+
+    def host_counts(self, token_mask: torch.Tensor | None, batch: int) -> torch.Tensor:
         """[2, B] on the CPU: candidate (vision) tokens and padding tokens of the chunk per sample.
 
         Read from the device once per forward (every layer of a forward sees the same chunk), so the
         layers need no further host synchronisation for the common rules: sizes follow from these counts.
         """
         if self._host is None:
-            vision = self.candidates & token_mask if self.candidates is not None else torch.zeros_like(token_mask)
-            self._host = torch.stack([vision.sum(dim=1), (~token_mask).sum(dim=1)]).cpu()
+            vision = self.vision(token_mask)
+            flags = [t for t in (vision, None if token_mask is None else ~token_mask) if t is not None]
+            counts = torch.stack(flags).sum(dim=2).cpu() if flags else torch.zeros(0, batch, dtype=torch.long)  # [n, B]
+            zeros = torch.zeros(batch, dtype=torch.long)
+            n_vision = counts[0] if vision is not None else zeros
+            n_padding = counts[-1] if token_mask is not None else zeros
+            self._host = torch.stack([n_vision, n_padding])
         return self._host
 
 
-def combine_kept(
-    x: torch.Tensor, h: torch.Tensor, m: torch.Tensor, w: torch.Tensor, routed: torch.Tensor, rule: str
-) -> torch.Tensor:
-    """Output of tokens that went through the layer. x, h = x + attn, m = mlp(norm(h)): [B, Tk, D]."""
-    dense = h + m  # the stock block's output
-    wd = w.to(x.dtype)[..., None]  # [B, Tk, 1]
+@dataclass
+class Route:
+    """What a MoD layer's routing decided for one chunk.
+
+    order [B, Tk]: indices of the tokens the layer runs on (kept tokens in original order, and in rows
+        that keep fewer than Tk, filler slots);
+    filled [B, Tk]: the slot holds a kept token (None: every slot does);
+    weights [B, T]: the weighting rule's w (1 where a token did not compete), in the hidden states' dtype;
+    competing [B, T]: tokens that competed.
+    """
+
+    order: torch.Tensor
+    filled: torch.Tensor | None
+    weights: torch.Tensor
+    competing: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.order.shape[1]
+
+
+def combine(x: torch.Tensor, xk: torch.Tensor, h: torch.Tensor, m: torch.Tensor, route: Route, rule: str) -> torch.Tensor:
+    """The layer's output [B, T, D]: kept tokens from x, h = x + attn, m = mlp(norm(h)) ([B, Tk, D]), the
+    others as the weighting rule says for skipped tokens, scattered back to full length.
+
+    ``route.weights`` is 1 on tokens that did not compete, so for them `string`, `mlp` and `output` give
+    the stock block's ``h + m`` exactly (``1 * m == m``); `mod` selects it explicitly.
+    """
+    index = route.order[..., None].expand(-1, -1, x.shape[-1])  # [B, Tk, D]
+    w = route.weights[..., None]  # [B, T, 1]
+    wk = w.gather(1, route.order[..., None])  # [B, Tk, 1]
     if rule in ("string", "mlp"):
-        out = h + wd * m  # only the MLP branch is reweighted
+        out_k = torch.addcmul(h, wk, m)  # h + w * m: only the MLP branch is reweighted
     elif rule == "output":
-        out = wd * dense
+        out_k = wk * (h + m)
     else:  # "mod"
-        out = x + wd * (dense - x)
-    return torch.where(routed[..., None], out, dense)  # tokens that did not compete: the ordinary block
-
-
-def combine_skipped(x: torch.Tensor, w: torch.Tensor, rule: str) -> torch.Tensor:
-    """Output of tokens that skip the layer ([B, T, D]); STRing scales them by w, other rules pass x."""
-    return x * w.to(x.dtype)[..., None] if rule == "string" else x
+        dense = h + m
+        out_k = torch.where(route.competing.gather(1, route.order)[..., None], xk + wk * (dense - xk), dense)
+    if route.filled is not None:  # filler slots hold skipped tokens: their skipped value
+        out_k = torch.where(route.filled[..., None], out_k, xk * wk if rule == "string" else xk)
+    out = x * w if rule == "string" else x.clone()  # [B, T, D]: skipped tokens (STRing scales them by w)
+    return out.scatter_(1, index, out_k)
 
 
 class MoDLayer(nn.Module):
@@ -170,7 +239,7 @@ class MoDLayer(nn.Module):
         `n_keep` back."""
         cfg = self.mod_config
         if cfg.candidates == "vision" and cfg.selection == "topk" and not decoding and (self.training or cfg.inference == "topk"):
-            n_vision = ctx.host_counts(token_mask)[0]  # [B]
+            n_vision = ctx.host_counts(token_mask, len(n_keep))[0]  # [B]
             return token_mask.shape[1] - n_vision + keep_count(n_vision, self.ratio)  # padding rows keep their padding
         return n_keep.cpu()
 
@@ -225,7 +294,6 @@ class MoDLayer(nn.Module):
         x = hidden_states  # [B, T, D]
         batch, length, dim = x.shape
         device = x.device
-        cfg = self.mod_config
         checkpointing = self.gradient_checkpointing and self.training
         if checkpointing:
             past_key_values = None  # as the stock layers do: no cache under gradient checkpointing
@@ -235,98 +303,163 @@ class MoDLayer(nn.Module):
         if ctx is None:
             logger.debug("MoD layer %d: no routing context (no input_ids?); running dense", self.layer_idx)
             ctx = RoutingContext(candidates=None)
-        token_mask = _chunk_padding_mask(ctx, batch, length, device)  # [B, T] real tokens
+        token_mask = ctx.token_mask(length, device)  # [B, T] real tokens, or None (no mask given)
 
-        # 1. score and select
-        n_vision, n_padding = ctx.host_counts(token_mask)  # [B] each, on the CPU (one sync per forward)
-        has_vision = bool(n_vision.any())
-        candidates = self.competing(ctx, token_mask, past, has_vision)
-        routed = candidates is not None
-        if routed:
-            router_in = self.base_layer.input_layernorm(x) if cfg.router_input == "normed" else x
-            logits = self.router(router_in)  # [B, T, C] float32
-            weights = token_weights(logits, cfg)  # [B, T]
-            decoding = past > 0 and ctx.candidates is not None and not has_vision
-            keep = self.select(weights, candidates, ctx, decoding)  # [B, T]
-            if ctx.records is not None:
-                ctx.records.append(RouterRecord(self.layer_idx, logits, weights, candidates, keep))
-            n_keep = keep.sum(dim=1)  # [B] on the device
-            rows = self.kept_rows(n_keep, ctx, token_mask, decoding)  # [B] CPU
-            kept_len, uniform = int(rows.max()), bool((rows == rows[0]).all())
-            # kept positions first, in original order; the tail of each row (filler slots) is masked
-            order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kept_len]  # [B, Tk]
-            filled = torch.arange(kept_len, device=device)[None, :] < n_keep[:, None]  # [B, Tk]
+        # 1. route: which tokens compete and which this layer keeps
+        if length == 1 and past > 0 and not self.mod_config.decode_skip:  # a decoding step: never routed
+            route, chunk_valid = None, token_mask  # no host sync: whether the token is padding stays on the device
         else:
-            kept_len, uniform = length, True
-            order = torch.arange(length, device=device).expand(batch, length)  # [B, T]
-            filled = torch.ones(batch, length, dtype=torch.bool, device=device)
-        all_valid = uniform and not bool(n_padding.any())  # no filler slot and no padding in the chunk
-        q_index = past + order  # [B, Tk] original sequence index
-        q_valid = filled & token_mask.gather(1, order)  # [B, Tk]
+            n_vision, padded = ctx.host_lists(token_mask, batch)  # vision tokens per sample; any padding (one sync per forward)
+            route = self.route(x, ctx, token_mask, past, n_vision)
+            chunk_valid = token_mask if padded else None  # [B, T], or None: no padding
 
-        # 2. gather and run the stock block on the kept tokens
-        gather_d = order[..., None].expand(batch, kept_len, dim)  # [B, Tk, D]
+        # 2. gather the kept tokens ([B, Tk, ...]) and book their cache entries
+        if route is None:
+            order, kept_len, filled, q_valid = None, length, None, chunk_valid
+            xk, pos_k = x, position_ids
+            cos, sin = self._positions(position_embeddings, None, q_valid, cache_layer, x, ctx)  # [B or 1, T, hd]
+        else:
+            order, kept_len, filled = route.order, route.length, route.filled
+            q_valid = _both(chunk_valid.gather(1, order) if chunk_valid is not None else None, filled)  # [B, Tk]
+            xk = x.gather(1, order[..., None].expand(batch, kept_len, dim))  # [B, Tk, D]
+            cos, sin = self._positions(position_embeddings, order, q_valid, cache_layer, x, ctx)  # [B, Tk, hd]
+            pos_k = None  # the attention reads positions from (cos, sin); gapped ids would look packed to flash
+        if cache_layer is not None:  # before the attention appends K/V: the mask below reads the full entries
+            index = None if order is None else (order + past if past else order)
+            cache_layer.record(length, kept_len, batch, device, index=index, filled=filled, valid=q_valid)
+
+        # 3. run the stock block on the kept tokens
         if kept_len == 0:  # every token of the chunk skips this layer (a skipped decoding step)
             h = m = x[:, :0]
         else:
-            xk = x.gather(1, gather_d) if routed else x  # [B, Tk, D]
-            cos, sin = self._positions(position_embeddings, order, q_valid, cache_layer, x)  # [B, Tk, hd]
-            pos_k = position_ids.expand(batch, -1).gather(1, order) if position_ids is not None else None
-            k_index, k_valid = q_index, q_valid
-            if cache_layer is not None and cache_layer.index is not None:
-                k_index = torch.cat([cache_layer.index, q_index], dim=1)  # [B, S + Tk]
-                k_valid = torch.cat([cache_layer.valid, q_valid], dim=1)
-            mask = self._attention_mask(q_index, k_index, k_valid, x.dtype, plain_causal=(past == 0 and all_valid))
+            mask = self._attention_mask(attention_mask, ctx, route, q_valid, past, length, cache_layer, x)
             if checkpointing:
                 h, m = self._gradient_checkpointing_func(self.block, xk, mask, cos, sin, pos_k, None)
             else:
                 h, m = self.block(xk, mask, cos, sin, pos_k, past_key_values, **kwargs)
-        if cache_layer is not None:
-            cache_layer.record(q_index, filled, q_valid, length)
 
-        # 3. combine and scatter back to full length
-        if routed:
-            out = combine_skipped(x, weights, cfg.weighting)  # [B, T, D]
-            if kept_len:
-                out_k = combine_kept(xk, h, m, weights.gather(1, order), candidates.gather(1, order), cfg.weighting)
-                out_k = torch.where(filled[..., None], out_k, out.gather(1, gather_d))  # fillers keep their value
-                out = out.scatter(1, gather_d, out_k)  # [B, T, D]
-        else:
-            out = h + m
+        # 4. combine and scatter back to full length
+        out = h + m if route is None else combine(x, xk, h, m, route, self.mod_config.weighting)  # [B, T, D]
         if ctx.stats is not None:
-            n_cand = candidates.sum(dim=1) if routed else torch.zeros(batch, dtype=torch.long)
-            ctx.stats.append(LayerStats(self.layer_idx, token_mask.sum(1).cpu(), n_cand.cpu(), q_valid.sum(1).cpu()))
+            n_cand = route.competing.sum(dim=1).cpu() if route is not None else torch.zeros(batch, dtype=torch.long)
+            stats = LayerStats(self.layer_idx, _count(token_mask, batch, length), n_cand, _count(q_valid, batch, kept_len))
+            ctx.stats.append(stats)
         self._run_base_hooks(hidden_states, out)
         return out
+
+    def route(
+        self, x: torch.Tensor, ctx: RoutingContext, token_mask: torch.Tensor | None, past: int, n_vision: list[int]
+    ) -> Route | None:
+        """Score and select the chunk's tokens; None when nothing competes (the layer runs every token).
+        n_vision: the chunk's real vision tokens per sample."""
+        cfg = self.mod_config
+        batch, length = x.shape[:2]
+        has_vision = any(n_vision)
+        real = token_mask if token_mask is not None else ctx.shared(("real", length, x.device), lambda: torch.ones(batch, length, dtype=torch.bool, device=x.device))
+        if cfg.candidates == "vision":  # `competing` for this rule, with the forward's shared vision mask
+            candidates = ctx.vision(token_mask) if has_vision else None
+        else:
+            candidates = self.competing(ctx, real, past, has_vision)
+        if candidates is None:
+            return None
+        router_in = self.base_layer.input_layernorm(x) if cfg.router_input == "normed" else x
+        logits = self.router(router_in)  # [B, T, C] float32
+        weights = token_weights(logits, cfg)  # [B, T]
+        decoding = past > 0 and ctx.candidates is not None and not has_vision
+        if cfg.candidates == "vision" and cfg.selection == "topk" and not decoding and ctx.records is None and (
+            self.training or cfg.inference == "topk"
+        ):  # top-k over vision tokens: the kept counts follow from the host-side counts, no sync
+            rows = [length - n + keep_count_host(n, self.ratio) for n in n_vision]  # padding rows keep their padding
+            kept_len = max(rows)
+            order, rank = kept_in_order(weights, candidates, kept_len, ctx.constant(torch.inf, weights.dtype, x.device))  # [B, Tk]
+            filled = None if min(rows) == kept_len else rank < torch.tensor(rows, device=x.device)[:, None]
+        else:
+            keep = self.select(weights, candidates, ctx, decoding)  # [B, T]
+            if ctx.records is not None:
+                ctx.records.append(RouterRecord(self.layer_idx, logits, weights, candidates, keep))
+            n_keep = keep.sum(dim=1)  # [B] on the device
+            rows = self.kept_rows(n_keep, ctx, real, decoding)  # [B] CPU
+            kept_len = int(rows.max())
+            # kept positions first, in original order; the tail of each row (filler slots) is masked
+            order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kept_len]  # [B, Tk]
+            uniform = bool((rows == kept_len).all())
+            filled = None if uniform else torch.arange(kept_len, device=x.device)[None, :] < n_keep[:, None]
+        w = torch.where(candidates, weights, ctx.constant(1.0, weights.dtype, x.device))  # [B, T]: non-competitors are not reweighted
+        return Route(order, filled, w if w.dtype == x.dtype else w.to(x.dtype), candidates)
 
     def _positions(
         self,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        order: torch.Tensor,
-        q_valid: torch.Tensor,
+        order: torch.Tensor | None,
+        q_valid: torch.Tensor | None,
         cache_layer: MoDCacheLayer | None,
         x: torch.Tensor,
+        ctx: RoutingContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos/sin [B, Tk, hd] of the kept tokens: their original ones, or renumbered 0..k-1."""
-        batch = order.shape[0]
+        """RoPE cos/sin [B, Tk, hd] of the kept tokens (`order` None: every token of the chunk, in place):
+        their original ones, or renumbered 0..k-1 (decoding positions follow the layer's shorter cache)."""
         if self.mod_config.positions == "renumber":
-            before = cache_layer.valid.sum(dim=1, keepdim=True) if cache_layer is not None and cache_layer.valid is not None else 0
-            positions = (before + q_valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, Tk]
+            valid = cache_layer.valid if cache_layer is not None else None  # entries before this chunk
+            before = valid.sum(dim=1, keepdim=True) if valid is not None else 0
+            shape = order.shape if order is not None else x.shape[:2]
+            counted = q_valid if q_valid is not None else torch.ones(shape, dtype=torch.bool, device=x.device)
+            positions = (before + counted.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, Tk]
             return self.rotary(x, positions)
+        if order is None:
+            return position_embeddings
+        batch, kept_len = order.shape
         cos, sin = position_embeddings  # [B or 1, T, hd]
-        index = order[..., None].expand(-1, -1, cos.shape[-1])  # [B, Tk, hd]
-        return cos.expand(batch, -1, -1).gather(1, index), sin.expand(batch, -1, -1).gather(1, index)
+        hd = cos.shape[-1]
+        both = ctx.shared(("rope", id(cos)), lambda: torch.cat([cos, sin], dim=-1))  # [B or 1, T, 2 hd], once per forward
+        picked = both.expand(batch, -1, -1).gather(1, order[..., None].expand(batch, kept_len, 2 * hd))  # [B, Tk, 2 hd]
+        return picked[..., :hd], picked[..., hd:]
 
     def _attention_mask(
-        self, q_index: torch.Tensor, k_index: torch.Tensor, k_valid: torch.Tensor, dtype: torch.dtype, plain_causal: bool
-    ) -> torch.Tensor | None:
+        self,
+        stock_mask: Any,
+        ctx: RoutingContext,
+        route: Route | None,
+        q_valid: torch.Tensor | None,
+        past: int,
+        length: int,
+        cache_layer: MoDCacheLayer | None,
+        x: torch.Tensor,
+    ) -> Any:
+        """The mask of the kept tokens' attention, in the backend's format (None: plain causal)."""
         attn = self.base_layer.self_attn
         implementation = attn.config._attn_implementation
         # Qwen2 sets it per layer on the attention module; Mistral reads it from the config
         window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
-        if plain_causal and window is None and implementation in SDPA_LIKE:
-            return None  # nothing is masked but the future: let sdpa use its causal kernels
-        return backend_mask(allowed_pairs(q_index, k_index, k_valid, window), k_valid, implementation, dtype)
+        check_window(implementation, window, past + length)
+        if window is not None and past + length <= window:
+            window = None  # no key is ever farther than the window
+        device, kept_len = x.device, length if route is None else route.length
+        if past == 0 and route is None:
+            return stock_mask  # every token and nothing cached: the stock layer's own mask is the right one
+        if past == 0 and window is None:  # kept tokens in original order, nothing cached before them
+            if q_valid is None:
+                if implementation in EAGER_LIKE:
+                    causal = ctx.shared(("causal", length, x.dtype, device), lambda: _additive_causal(length, x.dtype, device))
+                    return causal[..., :kept_len, :kept_len]  # [1, 1, Tk, Tk]
+                return None  # sdpa's and flash's own causal kernels
+            if implementation in FLASH_LIKE:
+                return backend_mask(None, q_valid, implementation, x.dtype)
+            tril, eye = ctx.shared(("tril", length, device), lambda: _tril_eye(length, device))
+            allowed = causal_in_order(q_valid, tril[:kept_len, :kept_len], eye[:kept_len, :kept_len])  # [B, Tk, Tk]
+            return backend_mask(allowed, q_valid, implementation, x.dtype)
+        if kept_len == 1 and window is None:  # one query after the cache: it attends every valid entry and itself
+            k_valid = cache_layer.key_valid() if cache_layer is not None else q_valid  # [B, S + 1] or None
+            if k_valid is None:
+                return None
+            return backend_mask(k_valid[:, None, :], k_valid, implementation, x.dtype)  # allowed [B, 1, S + 1]
+        # the general rule, by original indices (chunks after a cache, sliding windows)
+        order = route.order if route is not None else torch.arange(length, device=device).expand(x.shape[0], length)
+        q_index = past + order  # [B, Tk]
+        k_valid = q_valid if q_valid is not None else torch.ones_like(order, dtype=torch.bool)
+        k_index = q_index
+        if cache_layer is not None:  # the cache already holds this chunk's bookkeeping
+            k_index, k_valid = cache_layer.index, cache_layer.valid  # [B, S + Tk]
+        return backend_mask(allowed_pairs(q_index, k_index, k_valid, window), k_valid, implementation, x.dtype)
 
     def _run_base_pre_hooks(self, hidden_states: torch.Tensor) -> None:
         """Forward pre-hooks placed on the wrapped layer run as if it were called, so that hook pairs
@@ -350,8 +483,21 @@ class MoDLayer(nn.Module):
                 hook(base, (hidden_states,), out)
 
 
-def _chunk_padding_mask(ctx: RoutingContext, batch: int, length: int, device: torch.device) -> torch.Tensor:
-    """[B, T] bool: real (non-padding) tokens of the current chunk."""
-    if ctx.attention_mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
-    return ctx.attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+def _count(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """[B] on the CPU: True entries per row of `mask` [B, L] (None: all L)."""
+    return mask.sum(dim=1).cpu() if mask is not None else torch.full((batch,), length)
+
+
+def _both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a & b, where None stands for all True."""
+    return b if a is None else a if b is None else a & b
+
+
+def _tril_eye(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, T] bool templates: slot i may see slot j <= i; slot i is slot j."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril(), torch.eye(length, dtype=torch.bool, device=device)
+
+
+def _additive_causal(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1, 1, T, T] additive causal mask for eager attention."""
+    return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]

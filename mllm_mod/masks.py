@@ -2,7 +2,15 @@
 
 Causality is decided by each token's original sequence index, not by its slot in the gathered
 tensor, so the same rule serves prefill (gathered kept tokens), decoding against a compact cache,
-left padding, and the filler slots that make a batch rectangular.
+left padding, and the filler slots that make a batch rectangular (`allowed_pairs`). Two common cases
+need no indices, because kept tokens are gathered in original order and every cached entry precedes
+a new chunk: a chunk with nothing cached before it (`causal_in_order`: slot order is index order) and
+one decoding token (it may attend every valid entry: the key padding mask alone).
+
+A sliding window counts original positions. sdpa and eager get it in their [B, 1, Tq, Tk] masks;
+flash-attention kernels take a 2-D key padding mask and apply the window to slot distances, which are
+shorter than original distances once tokens were skipped, so flash + window is refused as soon as the
+window could bite (`check_window`).
 """
 
 from __future__ import annotations
@@ -37,17 +45,36 @@ def allowed_pairs(
     return allowed | (empty & (kj == qi))
 
 
+def causal_in_order(valid: torch.Tensor, tril: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, Tk, Tk] for a chunk of kept tokens in original order with nothing cached before them:
+    slot i attends the valid slots j <= i, and always itself (a padding or filler query then attends
+    something, as in `allowed_pairs`; its row is never read). valid [B, Tk]; tril, eye [Tk, Tk] bool."""
+    return (valid[:, None, :] & tril) | eye
+
+
+def check_window(implementation: str, window: int | None, length: int) -> None:
+    """Refuse flash-attention with a sliding window shorter than the sequence (`length` tokens so far)."""
+    if implementation in FLASH_LIKE and window is not None and length > window:
+        raise NotImplementedError(
+            f"MoD layers with {implementation} and a sliding window ({window} tokens) cannot follow original "
+            f"positions on a {length}-token sequence: flash kernels take a 2-D key padding mask and apply the "
+            "window to the gathered slots, not to original positions. Use attn_implementation='sdpa' or "
+            "'eager' (their masks follow original positions), or sequences no longer than the window."
+        )
+
+
 def backend_mask(
     allowed: torch.Tensor | None,
-    k_valid: torch.Tensor,
+    k_valid: torch.Tensor | None,
     implementation: str,
     dtype: torch.dtype,
 ) -> torch.Tensor | None:
-    """`allowed` [B, Tq, Tk] (None: plain causal, nothing masked) in the backend's own format."""
+    """`allowed` [B, Tq, Tk] (None: plain causal, nothing masked) in the backend's own format.
+    k_valid [B, Tk]: the valid keys (None: all of them)."""
     if implementation in FLASH_LIKE:
         # flash kernels take a 2-D key padding mask and apply causality bottom-right aligned, which is
         # what gathered order gives: kept tokens are in original order, fillers are masked keys.
-        return None if bool(k_valid.all()) else k_valid.to(torch.int32)  # [B, Tk]
+        return None if k_valid is None else k_valid.to(torch.int32)  # [B, Tk]
     if allowed is None:
         if implementation in SDPA_LIKE:
             return None  # is_causal path

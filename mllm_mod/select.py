@@ -8,6 +8,9 @@ same tokens whatever padding surrounds it in a batch.
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 
@@ -15,6 +18,37 @@ def keep_count(n: torch.Tensor, ratio: float) -> torch.Tensor:
     """``trunc(n * ratio)`` computed in float32, as p-MoD does. `n` is an integer tensor."""
     ratio32 = torch.tensor(ratio, dtype=torch.float32, device=n.device)
     return torch.trunc(n.to(torch.float32) * ratio32).to(torch.long)
+
+
+def keep_count_host(n: int, ratio: float) -> int:
+    """`keep_count` of one count, on the host: the same float32 product, truncated (no device op).
+
+    Both factors are rounded to float32; their product is exact in float64 (24 + 24 bits), so rounding it
+    once to float32 is the float32 multiplication the device does."""
+    return math.trunc(_float32(_float32(float(n)) * _float32(ratio)))
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def kept_in_order(
+    scores: torch.Tensor, candidates: torch.Tensor, kept_len: int, inf: torch.Tensor | float = torch.inf
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k selection as a gather index, in one stable sort and one top-k: ([B, Tk] token indices in
+    original order, [B, Tk] each slot's rank in its row).
+
+    Non-candidates rank first (they are always kept, in position order), then candidates by score, ties
+    by position (stable sort), so the first ``T - n_b + k_b`` ranks of row b are exactly the keep set of
+    `topk_per_sample` with ``k_b = trunc(n_b * ratio)``. `kept_len` is the longest row's count; in shorter
+    rows the slots ranked beyond their own count are fillers (the next-best candidates), to be masked.
+    `inf`: +inf, as a 0-dim tensor on the device when the caller has one (a float costs a kernel per call).
+    """
+    key = torch.where(candidates, scores, inf)  # [B, T]
+    by_rank = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :kept_len]  # [B, Tk]
+    # distinct indices, so the smallest-first top-k is an ascending sort (one kernel, no ties to break)
+    order, rank = torch.topk(by_rank, kept_len, dim=1, largest=False, sorted=True)  # [B, Tk]: original order; slot ranks
+    return order, rank
 
 
 def group_keep_count(n: torch.Tensor, ratio: float) -> torch.Tensor:

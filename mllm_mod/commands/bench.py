@@ -34,20 +34,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sections", default="correctness,prefill,train,decode,kv")
     p.add_argument("--compile", action="store_true", help="torch.compile the stock decoder layers of dense and MoD alike")
+    p.add_argument(
+        "--ops", action="store_true",
+        help="op counts (kernel launches) of prefill and one decode step, dense vs MoD, per MoD layer; on a GPU "
+        "the prefill and decode times too (replaces --sections)",
+    )
+    p.add_argument("--layers", type=int, default=8, help="decoder depth of the 'tiny' shape")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override MoDConfig fields of the preset")
     p.add_argument("--out", help="directory for results.json, benchmarks.md and benchmarks.png")
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from ..bench import BenchOptions, markdown, plot, run_benchmark
+    from .core import parse_overrides
 
+    sections = tuple(args.sections.split(","))
+    if args.ops:
+        sections = ("ops", "prefill", "decode") if args.device.startswith("cuda") else ("ops",)
     results = []
     for shape in args.shapes.split(","):
         options = BenchOptions(
             shape=shape, preset=args.preset, device=args.device, dtype=args.dtype, n_text=args.n_text,
             prefill_batches=args.prefill_batches, train_batch=args.train_batch, decode_batches=args.decode_batches,
-            new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats, sections=tuple(args.sections.split(",")),
-            compile=args.compile,
+            new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats, sections=sections,
+            compile=args.compile, num_layers=args.layers, overrides=parse_overrides(args.set),
         )
         results.append(run_benchmark(options))
         print(markdown(results[-1]) + "\n")
