@@ -383,11 +383,11 @@ def test_batched_generation_honours_until_and_equals_single(plugin):
     questions = ("what color is the object ?", "how many objects are there ?", "is there a red circle ?")
     prompts = [plugin.prompt(q, [im]) for q, im in zip(questions, images)]
     free = {"max_new_tokens": 6, "temperature": 0, "image_aspect_ratio": "pad"}
-    batched = plugin.generate_batch(prompts, images, free)
-    alone = [plugin.generate_batch([p], [im], free)[0] for p, im in zip(prompts, images)]
+    batched = plugin.generate_batch(prompts, [[im] for im in images], free)
+    alone = [plugin.generate_batch([p], [[im]], free)[0] for p, im in zip(prompts, images)]
     assert batched == alone and len(PROMPTS) == 3
     word = batched[0].split()[2]  # a word the model generates: stop there
-    cut = plugin.generate_batch(prompts[:1], images[:1], {**free, "until": [f" {word}"]})[0]
+    cut = plugin.generate_batch(prompts[:1], [images[:1]], {**free, "until": [f" {word}"]})[0]
     assert cut == batched[0][: batched[0].index(f" {word}")]
 
 
@@ -480,12 +480,12 @@ def test_timed_forwards_collect_no_stats_and_every_variant_warms_up(setup, varia
     counts = []
     for _ in range(2):
         forwards.clear()
-        lm.score_batch(prompts, [" red", " two"], images)
+        lm.score_batch(prompts, [" red", " two"], [[im] for im in images])
         counts.append(len(forwards))
     gen = {"max_new_tokens": 3, "min_new_tokens": 3}
     for _ in range(2):
         forwards.clear()
-        lm.generate_batch(prompts, images, gen)
+        lm.generate_batch(prompts, [[im] for im in images], gen)
         counts.append(len(forwards))
     assert counts == [2, 1, 2 + 3, 3]  # warm-up + timed, then timed only
     assert stats and not any(stats)
@@ -520,9 +520,9 @@ def test_fastv_options_of_a_question_share_the_kept_set(setup):
     image = make_images()[0]
     prompt = lm.prompt("what color is the object ?", [image])
     options = [" red", " blue", " a green square", " no"]
-    lm.generate_batch([prompt], [image], {"max_new_tokens": 1})
+    lm.generate_batch([prompt], [[image]], {"max_new_tokens": 1})
     prompt_kept = kept_rows[-1][0]
-    lm.score_batch([prompt] * len(options), options, [image] * len(options))
+    lm.score_batch([prompt] * len(options), options, [[image]] * len(options))
     assert kept_rows[-1] == [prompt_kept] * len(options)
 
 

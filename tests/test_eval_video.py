@@ -83,4 +83,4 @@ def test_image_only_processor_refuses_clips(tmp_path):
     lm = MoDLMM(pretrained=str(tmp_path), dtype="float32")
     clip = np.zeros((FRAMES, 30, 30, 3), dtype=np.uint8)
     with pytest.raises(NotImplementedError, match="takes no videos"):
-        lm.generate_batch([lm.prompt("which object moved ?", [clip])], [clip], {"max_new_tokens": 2})
+        lm.generate_batch([lm.prompt("which object moved ?", [clip])], [[clip]], {"max_new_tokens": 2})

@@ -26,6 +26,7 @@ class Adapter:
     video_token_attr: the config attribute of the video placeholder id, for families with video input.
     frame_tokens: config -> placeholder tokens per video frame (the model's pooled frame size).
     video_trailing: placeholders after the last frame of each video (OneVision appends one newline token).
+    vision_tower_attr: the vision encoder's attribute on the inner model (``vision_model`` for Idefics3).
 
     Groups for per-group selection: each video frame is a group, and so is each image (a run of image
     placeholders), so ``selection="group"`` keeps ``ceil(r * n)`` tokens of every frame and every image.
@@ -37,6 +38,7 @@ class Adapter:
     video_token_attr: str | None = None
     frame_tokens: Callable[[PretrainedConfig], int] | None = None
     video_trailing: int = 0
+    vision_tower_attr: str = "vision_tower"
 
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
         return config.get_text_config(decoder=True)
@@ -48,6 +50,14 @@ class Adapter:
         if decoder is None or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
             raise TypeError(f"{type(model).__name__}: could not find the text decoder's layers ({self.name} adapter)")
         return decoder
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The vision encoder (``model.model.<vision_tower_attr>``), e.g. to freeze it for training."""
+        inner = getattr(model, "model", model)
+        tower = getattr(inner, self.vision_tower_attr, None)
+        if not isinstance(tower, nn.Module):
+            raise TypeError(f"{type(model).__name__}: no {self.vision_tower_attr} submodule ({self.name} adapter)")
+        return tower
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return self.decoder(model).layers

@@ -31,5 +31,6 @@ class TextModelAdapter(Adapter):
 
 
 IDEFICS3 = register(
-    TextModelAdapter(name="Idefics3 / SmolVLM", model_types=("idefics3", "smolvlm"), vision_token_attrs=("image_token_id",))
+    TextModelAdapter(name="Idefics3 / SmolVLM", model_types=("idefics3", "smolvlm"), vision_token_attrs=("image_token_id",),
+                     vision_tower_attr="vision_model")
 )

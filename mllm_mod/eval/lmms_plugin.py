@@ -375,15 +375,17 @@ class MoDLMM(lmms):
         raw = doc_to_visual(self.task_dict[task][split][doc_id]) or []
         return [as_visual(v, task, self.num_frames) for v in raw]
 
-    def encode(self, texts: list[str], visuals: list[Visual]) -> dict[str, torch.Tensor]:
+    def encode(self, texts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
         """Processor output for a batch, left padded, on the device (floating tensors in the model dtype).
-        Pictures and clips fill the prompts' image and video placeholders, each kind in order."""
-        images = [v for v in visuals if not is_video(v)]
-        videos = [v for v in visuals if is_video(v)]
+        `visuals`: each prompt's pictures and clips. Pictures go to the processor as one list per prompt (a
+        flat list is one sample's pictures to SmolVLM / Idefics3); clips fill the video placeholders in order."""
+        per_prompt = [[v for v in vs if not is_video(v)] for vs in visuals]
+        images = per_prompt if any(per_prompt) else None
+        videos = [v for vs in visuals for v in vs if is_video(v)]
         if videos and getattr(self.processor, "video_processor", None) is None:
             raise NotImplementedError(f"{type(self.processor).__name__} takes no videos; use a video-capable model")
         inputs = self.processor(
-            text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt"
+            text=texts, images=images, videos=videos or None, padding=True, return_tensors="pt"
         )
         dtype = self.model.dtype
         return {k: v.to(self._device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()}
@@ -417,7 +419,7 @@ class MoDLMM(lmms):
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 texts = self.generate_batch(
-                    [items[i][0] for i in chunk], [im for i in chunk for im in items[i][1]], items[chunk[0]][2]
+                    [items[i][0] for i in chunk], [items[i][1] for i in chunk], items[chunk[0]][2]
                 )
                 for i, text in zip(chunk, texts):
                     out[i] = text
@@ -438,7 +440,7 @@ class MoDLMM(lmms):
         self.warmed.add(kind)
 
     @torch.inference_mode()
-    def generate_batch(self, prompts: list[str], images: list[Visual], gen_kwargs: dict[str, Any]) -> list[str]:
+    def generate_batch(self, prompts: list[str], images: list[list[Visual]], gen_kwargs: dict[str, Any]) -> list[str]:
         """One left-padded batch through ``generate``; each text is cut at the first `until` string."""
         gen, until = generation_kwargs(gen_kwargs, self.max_new_tokens)
         inputs = self.encode(prompts, images)
@@ -495,7 +497,7 @@ class MoDLMM(lmms):
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             scores = self.score_batch(
-                [items[i][0] for i in chunk], [items[i][1] for i in chunk], [im for i in chunk for im in items[i][2]]
+                [items[i][0] for i in chunk], [items[i][1] for i in chunk], [items[i][2] for i in chunk]
             )
             for i, score in zip(chunk, scores):
                 out[i] = GenerationResult(text=score)
@@ -505,7 +507,7 @@ class MoDLMM(lmms):
 
     @torch.inference_mode()
     def score_batch(
-        self, prompts: list[str], continuations: list[str], images: list[Visual]
+        self, prompts: list[str], continuations: list[str], images: list[list[Visual]]
     ) -> list[tuple[float, bool]]:
         """(NLL, is_greedy) of each continuation after its prompt. A token-dropping baseline ranks the vision
         tokens by each row's last prompt token, so every option of a question sees the same kept set."""

@@ -22,11 +22,10 @@ def router_parameter_names(model: nn.Module) -> set[str]:
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", model)
-    tower = getattr(inner, "vision_tower", None)
-    if not isinstance(tower, nn.Module):
-        raise TypeError(f"{type(model).__name__}: no vision_tower submodule to freeze")
-    return tower
+    """The model's vision encoder, found through its family's adapter."""
+    from ..adapters import adapter_for
+
+    return adapter_for(model).vision_tower(model)
 
 
 def set_trainable(model: nn.Module, freeze_vision_tower: bool = True, routers_only: bool = False) -> dict[str, int]:
