@@ -45,11 +45,16 @@ class Router(nn.Module):
         return super()._apply(keep_float32, recurse)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight  # [C, D]
-        x = hidden_states.to(device=weight.device, dtype=torch.float32)  # [B, T, D]
+        weight, bias = self.proj.weight, self.proj.bias  # [C, D], [C]
+        x = hidden_states  # [B, T, D]
+        # conversions only where they convert: each is a kernel launch on the hot path (tests/test_launch_budget.py)
+        if x.dtype != torch.float32 or x.device != weight.device:
+            x = x.to(device=weight.device, dtype=torch.float32)
+        if weight.dtype != torch.float32:  # stored in bf16 under DeepSpeed (`store_routers_as`)
+            weight, bias = weight.float(), None if bias is None else bias.float()
         with torch.autocast(device_type=weight.device.type, enabled=False):
-            logits = F.linear(x, weight.float(), None if self.proj.bias is None else self.proj.bias.float())
-        return logits.to(hidden_states.device)  # [B, T, C] float32
+            logits = F.linear(x, weight, bias)  # [B, T, C] float32
+        return logits if logits.device == hidden_states.device else logits.to(hidden_states.device)
 def fresh_weight(config: MoDConfig) -> float:
     """The token weight ``w`` a fresh (zero-initialised) router gives: 1 under TanhNorm, 0.5 under sigmoid or
     softmax. Where it is not 1, an untrained retrofit changes every kept token's output (``videomod``'s
