@@ -131,6 +131,8 @@ class MoDConfig:
                 raise ValueError(f"{name} must be in [0, 1] for {self.norm} weights, got {value}")
         if self.routing_loss_weight < 0 or (self.routing_loss_weight > 0 and self.router != "shared"):
             raise ValueError("routing_loss_weight must be >= 0, and > 0 only with router='shared'")
+        if self.weight_all and self.weighting == "mod":
+            raise ValueError("weight_all applies a weighting rule to every token that goes through: use string, mlp or output")
         if self.decode_skip and (self.inference_candidates or self.candidates) == "vision":
             raise ValueError("decode_skip routes generated (text) tokens: use candidates='all' or 'vision_and_prefix'")
         check_ratio(self.ratio, "ratio")
@@ -187,20 +189,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "videomod": dict(
         schedule="interleave", ratio=0.2, router="linear", norm="sigmoid", weighting="output", selection="group"
     ),
-    # gamma-MoD: ARank-chosen layers (reference: all but 0, 1, 2 and the last) at r = 0.5, one shared
-    # 2-way router on the normed input, masked routing, threshold at inference, routing loss 0.01.
+    # gamma-MoD, as its reference code (Gamma-MOD llava_llama_mod.py; docs/DESIGN.md lists the differences):
+    # ARank-chosen layers (the reference hard-codes all but 0, 1, 2 and the last) at r = 0.5; one shared
+    # 2-way router on the normed input with PyTorch's init; training: masked routing (image + system prompt
+    # compete, question/answer forced to keep), top-k, the MLP branch of every token that goes through scaled
+    # by p, routing cross-entropy over every position x 0.01; inference: every token competes, prefill keeps
+    # p > 0.005, a generated token goes through iff p >= 0.5; kept tokens renumbered 0..k-1.
     "gmod": dict(
         schedule="constant",
         ratio=0.5,
         skip_layers=[0, 1, 2, -1],
         router="shared",
+        router_init="default",
         router_input="normed",
         norm="softmax",
         weighting="mlp",
+        weight_all=True,
         candidates="vision_and_prefix",
+        inference_candidates="all",
         inference="threshold",
-        threshold=0.5,
+        threshold=0.005,
+        decode_skip=True,
+        decode_threshold=0.5,
+        positions="renumber",
         routing_loss_weight=0.01,
+        routing_loss_tokens="all",
     ),
 }
 

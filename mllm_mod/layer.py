@@ -216,18 +216,24 @@ class MoDLayer(nn.Module):
         return f"layer_idx={self.layer_idx}, ratio={self.ratio:.6f}, weighting={self.mod_config.weighting!r}"
 
     # -- routing ---------------------------------------------------------------------------------
-    def competing(self, ctx: RoutingContext, token_mask: torch.Tensor, past: int, has_vision: bool) -> torch.Tensor | None:
-        """[B, T] tokens that compete for this layer under ``config.candidates``, or None (all kept)."""
+    @property
+    def candidate_rule(self) -> str:
+        """Which tokens compete now: ``config.candidates`` in training, ``inference_candidates`` (if set) at eval."""
         cfg = self.mod_config
+        return cfg.inference_candidates if not self.training and cfg.inference_candidates else cfg.candidates
+
+    def competing(self, ctx: RoutingContext, token_mask: torch.Tensor, past: int, has_vision: bool) -> torch.Tensor | None:
+        """[B, T] tokens that compete for this layer under `candidate_rule`, or None (all kept)."""
+        cfg, rule = self.mod_config, self.candidate_rule
         vision = ctx.candidates & token_mask if ctx.candidates is not None else None
         if not has_vision:  # a text-only chunk: a generated token, or a prompt without images
             if past > 0 and cfg.decode_skip:
                 return token_mask
-            if cfg.candidates != "all" or past > 0:
+            if rule != "all" or past > 0:
                 return None
-        if cfg.candidates == "vision":
+        if rule == "vision":
             return vision
-        if cfg.candidates == "all":
+        if rule == "all":
             return token_mask
         # "vision_and_prefix": masked routing, the prompt before the first vision token competes too
         prefix = (vision.cumsum(dim=1) == 0) & vision.any(dim=1, keepdim=True) & token_mask if past == 0 else False
@@ -238,16 +244,20 @@ class MoDLayer(nn.Module):
         the count is known ahead from the forward's host-side counts (no device sync); other rules read
         `n_keep` back."""
         cfg = self.mod_config
-        if cfg.candidates == "vision" and cfg.selection == "topk" and not decoding and (self.training or cfg.inference == "topk"):
+        if self.candidate_rule == "vision" and cfg.selection == "topk" and not decoding and (self.training or cfg.inference == "topk"):
             n_vision = ctx.host_counts(token_mask, len(n_keep))[0]  # [B]
             return token_mask.shape[1] - n_vision + keep_count(n_vision, self.ratio)  # padding rows keep their padding
         return n_keep.cpu()
 
     def select(self, weights: torch.Tensor, candidates: torch.Tensor, ctx: RoutingContext, decoding: bool) -> torch.Tensor:
-        """Keep mask [B, T] from token weights [B, T]; non-candidates are always kept."""
+        """Keep mask [B, T] from token weights [B, T]; non-candidates are always kept. Thresholds as
+        gamma-MoD's reference: a prefill token is kept when ``w > threshold``, a generated one when
+        ``w >= decode_threshold`` (it skips the layer when below)."""
         cfg = self.mod_config
-        if decoding or (not self.training and cfg.inference == "threshold"):
-            return ~candidates | (weights >= cfg.threshold)
+        if decoding:
+            return ~candidates | (weights >= cfg.decode_keep_threshold)
+        if not self.training and cfg.inference == "threshold":
+            return ~candidates | (weights > cfg.threshold)
         if cfg.selection == "group":
             if ctx.groups is None:
                 raise ValueError(f"MoD layer {self.layer_idx} routes per group but the adapter gave no groups")
@@ -356,7 +366,8 @@ class MoDLayer(nn.Module):
         batch, length = x.shape[:2]
         has_vision = any(n_vision)
         real = token_mask if token_mask is not None else ctx.shared(("real", length, x.device), lambda: torch.ones(batch, length, dtype=torch.bool, device=x.device))
-        if cfg.candidates == "vision":  # `competing` for this rule, with the forward's shared vision mask
+        rule = self.candidate_rule
+        if rule == "vision":  # `competing` for this rule, with the forward's shared vision mask
             candidates = ctx.vision(token_mask) if has_vision else None
         else:
             candidates = self.competing(ctx, real, past, has_vision)
@@ -366,7 +377,7 @@ class MoDLayer(nn.Module):
         logits = self.router(router_in)  # [B, T, C] float32
         weights = token_weights(logits, cfg)  # [B, T]
         decoding = past > 0 and ctx.candidates is not None and not has_vision
-        if cfg.candidates == "vision" and cfg.selection == "topk" and not decoding and ctx.records is None and (
+        if rule == "vision" and cfg.selection == "topk" and not decoding and ctx.records is None and (
             self.training or cfg.inference == "topk"
         ):  # top-k over vision tokens: the kept counts follow from the host-side counts, no sync
             rows = [length - n + keep_count_host(n, self.ratio) for n in n_vision]  # padding rows keep their padding
@@ -384,7 +395,10 @@ class MoDLayer(nn.Module):
             order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kept_len]  # [B, Tk]
             uniform = bool((rows == kept_len).all())
             filled = None if uniform else torch.arange(kept_len, device=x.device)[None, :] < n_keep[:, None]
-        w = torch.where(candidates, weights, ctx.constant(1.0, weights.dtype, x.device))  # [B, T]: non-competitors are not reweighted
+        if cfg.weight_all:  # every token that goes through is reweighted (gamma-MoD's reference), forced-keep text too
+            w = weights
+        else:  # [B, T]: non-competitors are not reweighted
+            w = torch.where(candidates, weights, ctx.constant(1.0, weights.dtype, x.device))
         return Route(order, filled, w if w.dtype == x.dtype else w.to(x.dtype), candidates)
 
     def _positions(

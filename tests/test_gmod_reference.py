@@ -40,3 +40,79 @@ def test_routing_loss_averages_over_every_position_with_forced_keep_and_padding_
     by_hand_c = sum(float(F.cross_entropy(r.logits[r.candidates], r.keep[r.candidates].long())) for r in records)
     assert abs(float(loss_c) - 0.01 * by_hand_c) < 1e-6
     assert abs(float(loss) - float(loss_c)) > 1e-4  # the two conventions differ on these records
+
+
+def _gmod(**overrides):
+    import mllm_mod
+    from conftest import build
+
+    model, processor = build("llava", "eager")
+    mllm_mod.retrofit(model, "gmod", layers=[1, 2, 3], skip_layers=None, **overrides)
+    return model, processor
+
+
+def test_the_preset_is_the_reference_configuration():
+    config = preset("gmod")
+    assert (config.threshold, config.decode_keep_threshold, config.positions) == (0.005, 0.5, "renumber")
+    assert (config.candidates, config.inference_candidates, config.weight_all) == ("vision_and_prefix", "all", True)
+    assert (config.routing_loss_tokens, config.routing_loss_weight, config.router_init) == ("all", 0.01, "default")
+    model, _ = _gmod()
+    router = model.model.language_model.mod_shared_router
+    assert router.proj.bias is None and float(router.proj.weight.abs().min()) > 0  # PyTorch's init, not zeros
+    bound = 1 / router.proj.weight.shape[1] ** 0.5  # kaiming-uniform(a=sqrt(5)) of Linear: U(-1/sqrt(D), 1/sqrt(D))
+    assert float(router.proj.weight.abs().max()) <= bound
+
+
+def _layer_by_hand(layer, x, keep, p):
+    """The reference's layer on one sample: kept tokens (in order) renumbered 0..k-1, causal attention over
+    them, ``h + p * mlp(norm(h))`` for every kept token; skipped tokens pass unchanged. x [1, T, D]."""
+    idx = keep[0].nonzero().squeeze(1)
+    base = layer.base_layer
+    xk = x[:, idx]
+    k = len(idx)
+    cos, sin = layer.rotary(xk, torch.arange(k)[None])
+    causal = torch.full((k, k), torch.finfo(x.dtype).min).triu(1)[None, None]
+    with torch.no_grad():
+        attn, _ = base.self_attn(base.input_layernorm(xk), (cos, sin), causal)
+        h = xk + attn
+        out_k = h + p[:, idx, None] * base.mlp(base.post_attention_layernorm(h))
+    out = x.clone()
+    out[:, idx] = out_k
+    return out
+
+
+def test_training_scales_forced_keep_text_and_inference_keeps_p_above_0005():
+    import mllm_mod
+    from conftest import make_inputs
+
+    model, processor = _gmod()
+    router = model.model.language_model.mod_shared_router
+    with torch.no_grad():
+        router.proj.weight.copy_(torch.randn(router.proj.weight.shape, generator=torch.Generator().manual_seed(4)) * 3.0)
+    inputs = make_inputs(processor, n=1)
+    layer = model.model.language_model.layers[2]
+    seen: dict = {}
+    layer.register_forward_hook(lambda m, a, k, o: seen.update(x=a[0] if a else k["hidden_states"], out=o), with_kwargs=True)
+    adapter = mllm_mod.adapter_for(model)
+    for training in (True, False):
+        model.train(training)
+        ctx = adapter.routing_context(model, inputs["input_ids"], None, inputs["attention_mask"])
+        ctx.records = []
+        with torch.no_grad():
+            model(**inputs, mod_routing=ctx)
+        record = next(r for r in ctx.records if r.layer_idx == 2)
+        x = seen["x"]
+        p = torch.softmax(layer.base_layer.input_layernorm(x).float() @ router.proj.weight.T, dim=-1)[..., 1]  # [1, T]
+        torch.testing.assert_close(record.weights, p, atol=1e-6, rtol=1e-6)
+        vision = ctx.candidates
+        if training:  # masked routing: image tokens and the prompt before them compete, the rest is kept
+            competing = vision | (vision.long().cumsum(1) == 0)
+            assert torch.equal(record.candidates, competing)
+            n = int(competing.sum())
+            assert int((record.keep & competing).sum()) == int(torch.tensor(n, dtype=torch.float32) * 0.5)
+        else:  # every token competes; kept iff p > 0.005
+            assert bool(record.candidates.all())
+            assert torch.equal(record.keep, p > 0.005)
+            assert bool((~record.keep).any())  # some tokens fall below 0.005 with these router weights
+        expected = _layer_by_hand(layer, x, record.keep, p.to(x.dtype))
+        torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
