@@ -27,6 +27,7 @@ class Adapter:
     frame_tokens: config -> placeholder tokens per video frame (the model's pooled frame size).
     video_trailing: placeholders after the last frame of each video (OneVision appends one newline token).
     vision_tower_attr: the vision encoder's attribute on the inner model (``vision_model`` for Idefics3).
+    decoder_attr: the text decoder's attribute on the inner model (``text_model`` for Idefics3).
 
     Groups for per-group selection: each video frame is a group, and so is each image (a run of image
     placeholders), so ``selection="group"`` keeps ``ceil(r * n)`` tokens of every frame and every image.
@@ -39,14 +40,15 @@ class Adapter:
     frame_tokens: Callable[[PretrainedConfig], int] | None = None
     video_trailing: int = 0
     vision_tower_attr: str = "vision_tower"
+    decoder_attr: str = "language_model"
 
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
         return config.get_text_config(decoder=True)
 
     def decoder(self, model: nn.Module) -> nn.Module:
-        """The text decoder (an HF `*Model` with `.layers`)."""
+        """The text decoder (an HF `*Model` with `.layers`): ``model.model.<decoder_attr>``."""
         inner = getattr(model, "model", model)
-        decoder = getattr(inner, "language_model", None)
+        decoder = getattr(inner, self.decoder_attr, None)
         if decoder is None or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
             raise TypeError(f"{type(model).__name__}: could not find the text decoder's layers ({self.name} adapter)")
         return decoder

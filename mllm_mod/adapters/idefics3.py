@@ -14,23 +14,14 @@ image is told only by the row/column tag ids, which live in the tokenizer, not i
 
 from __future__ import annotations
 
-from torch import nn
-
 from .base import Adapter, register
 
-
-class TextModelAdapter(Adapter):
-    """The decoder is ``model.model.text_model`` (not ``language_model``)."""
-
-    def decoder(self, model: nn.Module) -> nn.Module:
-        inner = getattr(model, "model", model)
-        decoder = getattr(inner, "text_model", None)
-        if decoder is None or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
-            raise TypeError(f"{type(model).__name__}: could not find the text decoder's layers ({self.name} adapter)")
-        return decoder
-
-
 IDEFICS3 = register(
-    TextModelAdapter(name="Idefics3 / SmolVLM", model_types=("idefics3", "smolvlm"), vision_token_attrs=("image_token_id",),
-                     vision_tower_attr="vision_model")
+    Adapter(
+        name="Idefics3 / SmolVLM",
+        model_types=("idefics3", "smolvlm"),
+        vision_token_attrs=("image_token_id",),
+        vision_tower_attr="vision_model",
+        decoder_attr="text_model",
+    )
 )

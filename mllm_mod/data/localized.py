@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .synth import COLORS, SHAPES, Family, Sample, canvas, sample_record
+from .synth import COLORS, SHAPES, Family, Sample, canvas, sample_record, write_splits
 
 SIZE = 96  # picture side, px
 CELL = 8  # one lattice cell = one vision patch at patch_size 8
@@ -220,12 +220,7 @@ def generate(
         "counts": {k: len(v) for k, v in splits.items()},
         "vocabulary": vocabulary(),
     }
-    for name, records in splits.items():
-        with open(root / f"{name}.json", "w") as f:
-            json.dump(records, f, indent=1)
-    with open(root / "meta.json", "w") as f:
-        json.dump(meta, f, indent=2)
-    return meta
+    return write_splits(root, splits, meta)
 
 
 def held_out(nth: int, n_train: int, n_test: int) -> bool:

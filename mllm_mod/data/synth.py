@@ -394,6 +394,11 @@ def generate(
         "counts": {k: len(v) for k, v in splits.items()},
         "vocabulary": vocabulary(video),
     }
+    return write_splits(root, splits, meta)
+
+
+def write_splits(root: Path, splits: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> dict[str, Any]:
+    """``{split}.json`` (LLaVA conversation records) and ``meta.json`` under `root`; returns `meta`."""
     for name, records in splits.items():
         with open(root / f"{name}.json", "w") as f:
             json.dump(records, f, indent=1)
