@@ -21,7 +21,6 @@ records are LLaVA conversation JSON; `blank_image` is the control picture (backg
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
