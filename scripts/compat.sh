@@ -4,7 +4,8 @@
 #
 #   scripts/compat.sh newest    the newest releases pyproject allows (no constraints file): catches drift
 #                               inside the declared ranges, e.g. a new patch release
-#   scripts/compat.sh oldest    the lowest transformers pyproject claims, everything else as locked
+#   scripts/compat.sh oldest    the lowest transformers pyproject claims (and the huggingface-hub it takes),
+#                               everything else as locked
 #   scripts/compat.sh beyond    the newest releases with pyproject's upper bounds lifted: what the next
 #                               release would break, before the bounds are raised
 #
@@ -24,7 +25,8 @@ newest)
     ;;
 oldest)
     floor=$(python3 -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(re.search(r">=([\w.]+)", d).group(1) for d in deps if d.startswith("transformers")))')
-    grep -v -i '^transformers==' constraints.txt >"$venv/constraints-oldest.txt"
+    # transformers' floor and the huggingface-hub it accepts (5.17 needs huggingface-hub < 2) move together
+    grep -v -i -E '^(transformers|huggingface-hub)==' constraints.txt >"$venv/constraints-oldest.txt"
     "${pip[@]}" -c "$venv/constraints-oldest.txt" -e '.[test]' "transformers==$floor"
     ;;
 beyond)
