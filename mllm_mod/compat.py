@@ -8,11 +8,12 @@ What changed inside the supported range (5.17 .. 5.24):
 - the per-layer cache argument: ``past_key_values`` up to 5.23, ``cache`` from 5.24 (the old name is a
   deprecated alias until 5.40 on the stock modules: a wrapper that reads only the old name silently gets
   None, as MoD layers did). Model outputs name the field the same way.
-- sub-configs of a composite config: ``sub_configs = {name: class}`` up to 5.17, ``sub_configs_defaults``
-  of ``SubConfigSpec`` from 5.18 (the dict form is gone).
+- sub-configs of a composite config: ``sub_configs = {name: class}`` in 5.17, ``sub_configs_defaults``
+  of ``SubConfigSpec`` in 5.24 (the dict form is gone);
 - activation checkpointing: ``TrainingArguments(gradient_checkpointing=...)`` and
-  ``model.gradient_checkpointing_enable`` up to 5.17; ``activation_checkpointing`` names from 5.18 (the
-  old ones deprecated aliases).
+  ``model.gradient_checkpointing_enable`` in 5.17; ``activation_checkpointing`` names in 5.24 (the old
+  ones deprecated aliases). (Checked at both ends of the range; the release in between that changed each
+  was not looked up.)
 Conventions that are the same across the range, named here so a change has one home:
 - a decoder layer is called with keywords ``attention_mask``, ``position_ids``, ``position_embeddings``
   (``(cos, sin)``, each [B or 1, T, head_dim]) and the cache; its attention takes the same keywords;
@@ -31,7 +32,7 @@ from transformers import TrainingArguments
 from transformers.cache_utils import DynamicLayer  # noqa: F401  (re-exported: the cache layer class MoD extends)
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-try:  # 5.18+
+try:  # 5.24 (not in 5.17)
     from transformers.configuration_utils import SubConfigSpec
 except ImportError:  # 5.17
     SubConfigSpec = None
@@ -87,7 +88,7 @@ def output_fields(cache: Any) -> dict[str, Any]:
 # -- configs ---------------------------------------------------------------------------------------------
 def sub_config_declaration(**model_types: str) -> dict[str, Any]:
     """Class attributes declaring a composite config's sub-configs (name -> default ``model_type``), each
-    loaded through `AutoConfig`: ``sub_configs_defaults`` of `SubConfigSpec` (5.18+) or ``sub_configs``.
+    loaded through `AutoConfig`: ``sub_configs_defaults`` of `SubConfigSpec` where it exists, else ``sub_configs``.
     The config's ``__post_init__`` still turns dicts into configs itself (`resolve_sub_config`), which both
     conventions accept."""
     from transformers import AutoConfig
