@@ -10,7 +10,9 @@ of the full sequence, while the MoD layer attends only its own shorter cache.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
+
+from .compat import DynamicLayer
 
 
 class MoDCacheLayer(DynamicLayer):

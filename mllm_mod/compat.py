@@ -29,7 +29,7 @@ import inspect
 from typing import Any
 
 from transformers import TrainingArguments
-from transformers.cache_utils import DynamicLayer  # noqa: F401  (re-exported: the cache layer class MoD extends)
+from transformers.cache_utils import DynamicLayer  # noqa: F401  (the cache layer class MoD extends; cache.py and streaming/budget.py import it from here)
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 try:  # 5.24 (not in 5.17)
@@ -40,7 +40,7 @@ except ImportError:  # 5.17
 LEGACY_CACHE_KWARG = "past_key_values"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_kwarg_of(forward: Any) -> str:
     params = inspect.signature(forward).parameters
     return "cache" if "cache" in params else LEGACY_CACHE_KWARG

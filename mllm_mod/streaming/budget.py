@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from ..cache import MoDCacheLayer
+from ..compat import DynamicLayer
 
 POLICIES = ("drop", "pool")
 
