@@ -21,7 +21,7 @@ ROUTER_INPUTS = ("hidden", "normed")
 NORMS = ("tanh", "sigmoid", "softmax", "none")
 WEIGHTINGS = ("string", "output", "mod", "mlp")
 SELECTIONS = ("topk", "group")
-CANDIDATES = ("vision", "vision_and_prefix", "all")
+CANDIDATES = ("vision", "vision_and_prefix", "all", "leading")
 INFERENCE = ("topk", "threshold")
 POSITIONS = ("original", "renumber")
 ROUTER_INITS = ("zeros", "default")
@@ -54,7 +54,11 @@ class MoDConfig:
             group such as a video frame, ``ceil(ratio * group_size)``).
         candidates: which tokens compete: "vision"; "vision_and_prefix" (vision tokens and the
             prompt before the first one: gamma-MoD's masked routing, question/answer always kept);
-            "all" (every real token).
+            "all" (every real token); "leading" (gamma-MoD's reference code: the first ``leading_tokens``
+            real tokens of a row compete, whatever they are, in rows longer than that; the top
+            ``ceil(ratio * leading_tokens)`` of them are kept; shorter rows are not routed).
+        leading_tokens: the "leading" rule's count (the reference hard-codes 1024 + 35 = 1059: LLaVA-HR's
+            1,024 image tokens and a 35-token system prompt).
         inference_candidates: which tokens compete at eval time (None: ``candidates``); gamma-MoD's
             reference routes every token at inference ("all") after training with masked routing.
         inference: at eval time keep the top-k ("topk") or every candidate whose weight is above
@@ -90,6 +94,7 @@ class MoDConfig:
     selection: str = "topk"
     candidates: str = "vision"
     inference_candidates: str | None = None
+    leading_tokens: int = 1059
     inference: str = "topk"
     threshold: float = 0.5
     decode_skip: bool = False
@@ -123,6 +128,8 @@ class MoDConfig:
         _check_choice("routing_loss_tokens", self.routing_loss_tokens, LOSS_TOKENS)
         if self.inference_candidates is not None:
             _check_choice("inference_candidates", self.inference_candidates, CANDIDATES)
+        if not isinstance(self.leading_tokens, int) or self.leading_tokens < 1:
+            raise ValueError(f"leading_tokens must be a positive integer, got {self.leading_tokens!r}")
         if (self.norm == "softmax") != (self.router == "shared"):
             raise ValueError("norm='softmax' goes with the 2-way router='shared' (and only with it)")
         for name in ("threshold", "decode_threshold"):

@@ -32,7 +32,7 @@ from .cache import MoDCacheLayer, mod_cache_layer
 from .config import MoDConfig
 from .masks import EAGER_LIKE, FLASH_LIKE, allowed_pairs, backend_mask, causal_in_order, check_window
 from .router import Router, build_router, token_weights
-from .select import keep_count, keep_count_host, kept_in_order, topk_per_group, topk_per_sample
+from .select import group_keep_count, keep_count, keep_count_host, kept_in_order, topk_per_group, topk_per_sample
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +229,17 @@ class MoDLayer(nn.Module):
         if not has_vision:  # a text-only chunk: a generated token, or a prompt without images
             if past > 0 and cfg.decode_skip:
                 return token_mask
-            if rule != "all" or past > 0:
+            if rule not in ("all", "leading") or past > 0:
                 return None
         if rule == "vision":
             return vision
         if rule == "all":
             return token_mask
+        if rule == "leading":  # the first `leading_tokens` real tokens of rows longer than that (prefill only)
+            if past > 0:
+                return None
+            index = token_mask.long().cumsum(dim=1)  # [B, T]: 1-based index among the row's real tokens
+            return token_mask & (index <= cfg.leading_tokens) & (index[:, -1:] > cfg.leading_tokens)
         # "vision_and_prefix": masked routing, the prompt before the first vision token competes too
         prefix = (vision.cumsum(dim=1) == 0) & vision.any(dim=1, keepdim=True) & token_mask if past == 0 else False
         return vision | prefix
@@ -262,6 +267,8 @@ class MoDLayer(nn.Module):
             if ctx.groups is None:
                 raise ValueError(f"MoD layer {self.layer_idx} routes per group but the adapter gave no groups")
             return topk_per_group(weights, candidates, ctx.groups, self.ratio)
+        if self.candidate_rule == "leading":  # the reference keeps ceil(ratio * leading_tokens) of them
+            return topk_per_sample(weights, candidates, self.ratio, count=group_keep_count)
         return topk_per_sample(weights, candidates, self.ratio)
 
     # -- the stock block on the kept tokens --------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 
 import torch
 
@@ -52,15 +53,18 @@ def kept_in_order(
 
 
 def group_keep_count(n: torch.Tensor, ratio: float) -> torch.Tensor:
-    """``ceil(ratio * n)`` in float32 (VideoLLM-MoD's per-frame count)."""
+    """``ceil(ratio * n)`` in float32 (VideoLLM-MoD's per-frame count; gamma-MoD's reference "leading" rule)."""
     ratio32 = torch.tensor(ratio, dtype=torch.float32, device=n.device)
     return torch.ceil(n.to(torch.float32) * ratio32).to(torch.long)
 
 
-def topk_per_sample(scores: torch.Tensor, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep the ``trunc(n_b * ratio)`` best-scoring candidates of each sample, and every non-candidate."""
+def topk_per_sample(
+    scores: torch.Tensor, candidates: torch.Tensor, ratio: float, count: Callable[[torch.Tensor, float], torch.Tensor] = keep_count
+) -> torch.Tensor:
+    """Keep the ``count(n_b, ratio)`` best-scoring candidates of each sample (by default
+    ``trunc(n_b * ratio)``), and every non-candidate."""
     # scores, candidates: [B, T]
-    k = keep_count(candidates.sum(dim=1), ratio)  # [B]
+    k = count(candidates.sum(dim=1), ratio)  # [B]
     masked = scores.masked_fill(~candidates, float("-inf"))  # [B, T]
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices  # [B, T]
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))

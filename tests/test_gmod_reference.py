@@ -12,6 +12,7 @@ Reference behaviour pinned here (docs/DESIGN.md, "differences from the reference
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -116,3 +117,66 @@ def test_training_scales_forced_keep_text_and_inference_keeps_p_above_0005():
             assert bool((~record.keep).any())  # some tokens fall below 0.005 with these router weights
         expected = _layer_by_hand(layer, x, record.keep, p.to(x.dtype))
         torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
+
+
+
+def _training_record(model, inputs, layer_idx: int = 2) -> RouterRecord:
+    import mllm_mod
+
+    model.train(True)
+    ctx = mllm_mod.adapter_for(model).routing_context(model, inputs["input_ids"], None, inputs["attention_mask"])
+    ctx.records = []
+    with torch.no_grad():
+        model(**inputs, mod_routing=ctx)
+    return next(r for r in ctx.records if r.layer_idx == layer_idx)
+
+
+def _check_leading(record: RouterRecord, real: torch.Tensor, n0: int) -> None:
+    """The first n0 real tokens of each row longer than n0 compete; ceil(n0 / 2) of them are kept (the best
+    weights, ties by position); other rows are not routed."""
+    keep = -(-n0 // 2)
+    for b, n in enumerate(real.sum(1).tolist()):
+        index = real[b].long().cumsum(0)
+        expected = real[b] & (index <= n0) if n > n0 else torch.zeros_like(real[b])
+        assert torch.equal(record.candidates[b], expected), b
+        assert bool(record.keep[b][~expected].all())  # everything else goes through
+        if n > n0:
+            w = record.weights[b].masked_fill(~expected, float("-inf"))
+            top = torch.sort(w, descending=True, stable=True).indices[:keep]
+            assert torch.equal(expected & record.keep[b], torch.zeros_like(expected).index_fill(0, top, True))
+
+
+def test_the_reference_leading_positions_rule_routes_the_first_n_real_tokens_of_long_rows():
+    """``candidates="leading"``: the reference's hard-coded training rule (the first 1024 + 35 positions
+    compete and the top ceil(0.5 * 1059) = 530 are kept: exactly 529 dropped; text-only rows longer than
+    that too), with ``leading_tokens`` sized for tiny prompts. A row no longer than it is not routed."""
+    from conftest import build, make_inputs
+
+    def leading_model(n0: int):
+        import mllm_mod
+
+        model, processor = build("llava", "eager")
+        mllm_mod.retrofit(model, "gmod", layers=[1, 2, 3], skip_layers=None, candidates="leading", leading_tokens=n0)
+        router = model.model.language_model.mod_shared_router
+        with torch.no_grad():
+            router.proj.weight.copy_(torch.randn(router.proj.weight.shape, generator=torch.Generator().manual_seed(5)) * 3.0)
+        return model, processor
+
+    assert preset("gmod").leading_tokens == 1059 and -(-1059 // 2) == 530
+    n0 = 37  # rows of 35 and 38 real tokens: row 0 is not routed; row 1 keeps ceil(18.5) = 19 of its first 37
+    model, processor = leading_model(n0)
+    inputs = make_inputs(processor, n=2)  # left padded
+    real = inputs["attention_mask"].bool()
+    assert real.sum(1).tolist() == [35, 38]
+    record = _training_record(model, inputs)
+    _check_leading(record, real, n0)
+    assert int((record.candidates & ~record.keep).sum()) == 37 - 19  # trunc(18.5) would drop 19
+    text = processor.tokenizer(["a b c d e f g h", "a b"], return_tensors="pt", padding=True)  # text only: routed too
+    real_text = text["attention_mask"].bool()
+    n_text = int(real_text.sum(1).max()) - 1
+    model, _ = leading_model(n_text)
+    record = _training_record(model, dict(text))
+    _check_leading(record, real_text, n_text)
+    assert bool(record.candidates.any())
+    with pytest.raises(ValueError, match="leading_tokens"):
+        preset("gmod", candidates="leading", leading_tokens=0)
