@@ -12,10 +12,11 @@ from ..config import PRESETS
 from ..eval.baselines import BASELINES
 from ..eval.suites import SUITES
 from ..eval.synthetic import SYNTHETIC_SUITES
+from ..eval.zoo import FIELDS, ZOO
 
 STREAMING = "streaming"  # VideoLLM-online's metrics on a streaming JSON (not an lmms-eval suite)
 SUITE_CHOICES = (*SYNTHETIC_SUITES, *SUITES, STREAMING)
-COMPARE_CHOICES = ("dense", *sorted(PRESETS), *BASELINES)
+COMPARE_CHOICES = ("dense", *sorted(PRESETS), *BASELINES, *ZOO)
 
 
 class Renamed(argparse.Action):
@@ -36,8 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mod", help="a MoD adapter directory to load onto a base checkpoint")
     p.add_argument(
         "--preset",
-        choices=sorted(PRESETS) + list(BASELINES),
-        help="retrofit a base checkpoint on the fly: a MoD preset (initial routers) or a training-free baseline",
+        choices=sorted(PRESETS) + list(BASELINES) + list(ZOO),
+        help="retrofit a base checkpoint on the fly: a MoD preset (initial routers) or a training-free method",
     )
     p.add_argument(
         "--compare", choices=COMPARE_CHOICES, action="append", default=[],
@@ -55,6 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prune-ratio", type=float, default=0.5, help="baselines (FastV's R): fraction of the vision tokens pruned"
     )
     p.add_argument("--keep-ratio", type=float, action=Renamed, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--layer-list", help="pdrop: stage boundaries, e.g. 8,16,24 (default: 8, 16, 24 of 32 layers, scaled to the depth)"
+    )
+    p.add_argument("--lam", type=float, help="pdrop: lambda, the fraction of image tokens each boundary keeps (default 0.5)")
+    p.add_argument(
+        "--withdraw-layer", type=int, help="vtw: K, the first layer without vision tokens (default: 15 of 32, scaled)"
+    )
+    p.add_argument("--subset-ratio", type=float, help="divprune: fraction of the vision tokens retained (default 0.098)")
     p.add_argument("--limit", type=float, help="samples per task (a fraction if < 1), for smoke runs")
     p.add_argument("--data-root", help="directory of datasets.save_to_disk mirrors, one per task")
     p.add_argument("--skip-missing", action="store_true", help="run the tasks whose data is available")
@@ -87,15 +96,17 @@ def specs_from_args(args: argparse.Namespace) -> list:
     for key in ("max_new_tokens", "num_frames"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
-    budget = {"prune_layer": args.prune_layer, "prune_ratio": args.prune_ratio}
-    main = {**common, "mod": args.mod, "preset": args.preset, **(budget if args.preset in BASELINES else {})}
+    budgets = {method: {"prune_layer": args.prune_layer, "prune_ratio": args.prune_ratio} for method in BASELINES}
+    for method, names in FIELDS.items():  # a zoo method's budget: only what was given (None: the paper's)
+        budgets[method] = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    main = {**common, "mod": args.mod, "preset": args.preset, **budgets.get(args.preset, {})}
     name = "mod" if args.mod else (args.preset or os.path.basename(os.path.normpath(args.checkpoint)))
     specs = [ModelSpec(name, main)]
     for other in dict.fromkeys(args.compare):
         if other == "dense":
             specs.append(ModelSpec("dense", {**common, "dense": True}))
         elif other != args.preset:
-            specs.append(ModelSpec(other, {**common, "preset": other, **(budget if other in BASELINES else {})}))
+            specs.append(ModelSpec(other, {**common, "preset": other, **budgets.get(other, {})}))
     for path in args.compare_checkpoint:
         specs.append(ModelSpec(os.path.basename(os.path.normpath(path)), {**common, "pretrained": path}))
     names = [spec.name for spec in specs]

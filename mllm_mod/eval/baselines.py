@@ -1,4 +1,5 @@
-"""Training-free token-dropping baselines built on the MoD core: FastV and random drop.
+"""Training-free token-dropping baselines built on the MoD core: FastV and random drop (the zoo -- PyramidDrop,
+VTW, DivPrune -- is `mllm_mod.eval.zoo`, on the same decision machinery; docs/BASELINES.md).
 
 Both keep layers ``0 .. K-1`` as they are and, from layer ``K`` on, prune the fraction ``R`` of each
 sample's vision tokens (FastV's names: K the pruning layer, R the fraction *pruned*): every later layer
@@ -159,21 +160,31 @@ class DropDecision:
             scores[b, prompt[b]] = torch.rand(int(prompt[b].sum()), generator=generator)
         return scores.to(real.device)
 
-    def __call__(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        from ..select import topk_per_sample
-
-        self.logits = None
+    @staticmethod
+    def prefill_tokens(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(hidden [B, T, D], real [B, T], vision [B, T]) of a hooked module's call -- its hidden states, its
+        real (non-padding) tokens and real vision tokens -- or None when there is nothing to drop (no routing
+        context, a decoding step, a text-only prompt)."""
         ctx = kwargs.get("mod_routing")
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, T, D], normed
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, T, D]
         batch, length, _ = hidden.shape
         if ctx is None or ctx.candidates is None:
-            return
+            return None
         real = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)  # [B, T]
         if ctx.attention_mask is not None:
             real = ctx.attention_mask[:, -length:].to(hidden.device, torch.bool)
         vision = ctx.candidates.to(hidden.device) & real  # [B, T]
-        if not bool(vision.any()):  # a decoding step or a text-only prompt: nothing to drop
+        return (hidden, real, vision) if bool(vision.any()) else None
+
+    def __call__(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        from ..select import topk_per_sample
+
+        self.logits = None
+        seen = self.prefill_tokens(args, kwargs)
+        if seen is None:
             return
+        hidden, real, vision = seen  # hidden: the normed input of layer K - 1
+        length = hidden.shape[1]
         at = self.ranking_tokens(real)  # [B]
         if self.spec.method == "fastv":
             scores = token_attention(attn, hidden, kwargs["position_embeddings"], real, at)  # [B, T]
@@ -270,34 +281,34 @@ def token_attention(
 def baseline_config(spec: DropSpec, num_layers: int):
     """The `MoDConfig` of the baseline: MoD layers K .. L-1 keeping 1 - R, top-k of the vision tokens,
     TanhNorm weights (w = 1 for a kept token) and the "mlp" rule (a dropped token passes unchanged)."""
-    from ..config import MoDConfig
-
     if spec.prune_layer >= num_layers:
         raise ValueError(f"prune_layer K={spec.prune_layer} does not exist in a decoder of {num_layers} layers")
-    return MoDConfig(
-        preset=spec.method,
-        schedule="constant",
-        layers=list(range(spec.prune_layer, num_layers)),
-        ratio=spec.keep_ratio,
-        router="linear",
-        norm="tanh",
-        weighting="mlp",
-        selection="topk",
-        candidates="vision",
-        inference="topk",
-        positions="original",
-    )
+    return drop_config(spec.method, list(range(spec.prune_layer, num_layers)), spec.keep_ratio)
+
+
+def drop_config(method: str, layers: list[int], ratio: float, **rules: Any):
+    """The `MoDConfig` of a method that drops vision tokens by a decision router: MoD `layers` keeping
+    `ratio`, top-k of the vision tokens (unless `rules` say otherwise), TanhNorm weights (w = 1 for a kept
+    token) and the "mlp" rule (a dropped token passes unchanged)."""
+    from ..config import MoDConfig
+
+    fields = {"router": "linear", "norm": "tanh", "weighting": "mlp", "selection": "topk", "inference": "topk", "positions": "original"}
+    return MoDConfig(preset=method, schedule="constant", layers=layers, ratio=ratio, candidates="vision", **{**fields, **rules})
 
 
 def apply_baseline(model: nn.Module, spec: DropSpec | str, **fields: Any) -> nn.Module:
     """Turn a stock model into the FastV or random-drop baseline, in place; ``mllm_mod.unload`` undoes it.
+    A zoo method's name or spec (``"pdrop"``, ``"vtw"``, ``"divprune"``) goes to `mllm_mod.eval.zoo.apply_zoo`.
 
     ``apply_baseline(model, "fastv", prune_layer=2, prune_ratio=0.5)`` (FastV's K and R: prune half of the
     vision tokens from layer 2 on) or with a `DropSpec`.
     """
     from ..adapters import adapter_for
     from ..retrofit import mod_layer_map, retrofit
+    from .zoo import ZOO, apply_zoo, is_zoo_spec
 
+    if is_zoo_spec(spec) or spec in ZOO:  # PyramidDrop, VTW, DivPrune: `mllm_mod.eval.zoo`
+        return apply_zoo(model, spec, **fields)
     spec = DropSpec.from_fields(spec, **fields) if isinstance(spec, str) else spec
     layers = adapter_for(model).layers(model)
     config = baseline_config(spec, len(layers))

@@ -14,6 +14,12 @@ Model args (``--model_args k=v,...``; every value may arrive as a string):
                 training-free baseline (``fastv``, ``random``; see `mllm_mod.eval.baselines`)
     prune_layer, prune_ratio  the baselines' K (default 2) and R, the fraction of vision tokens pruned
                 (FastV's names; default 0.5). ``keep_ratio`` is refused (it meant the fraction kept).
+                ``preset`` may also be a method of the training-free zoo (`mllm_mod.eval.zoo`), with its
+                budget as its paper names it (each defaults to the paper's):
+    layer_list, lam  ``pdrop``: stage boundaries (``8;16;24``; default: 8, 16, 24 of 32 layers, scaled)
+                and lambda, the fraction of the image tokens each boundary keeps (0.5)
+    withdraw_layer  ``vtw``: K, the first layer without vision tokens (default: 15 of 32 layers, scaled)
+    subset_ratio  ``divprune``: the fraction of the vision tokens retained (0.098)
     dense       ``true``: the same code path without MoD (a full checkpoint is unloaded, mod/preset ignored)
     dtype, attn_implementation, device, batch_size, max_new_tokens
     num_frames  frames sampled uniformly from each clip a task gives as a video file (default 8)
@@ -52,6 +58,7 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from ..compat import output_cache
 from .baselines import BASELINES, RENAMED, DropSpec, ranking_at
 from .meter import FirstStepTimer, Meter, prefill_flops, prompt_kv_bytes, prompt_tokens_per_layer, synchronize
+from .zoo import ZOO, ZooSpec, zoo_spec
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +110,7 @@ def load_model(
     dense: bool = False,
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
-    baseline: DropSpec | None = None,
+    baseline: DropSpec | ZooSpec | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """(model, processor) as the model args describe, on the CPU; see the module docstring. `preset` is
     a MoD preset; a token-dropping baseline comes as `baseline` (a `DropSpec`) and applies to a base model
@@ -276,6 +283,10 @@ class MoDLMM(lmms):
         preset: str | None = None,
         prune_layer: int | str = 2,
         prune_ratio: float | str = 0.5,
+        layer_list: str | None = None,
+        lam: float | str | None = None,
+        withdraw_layer: int | str | None = None,
+        subset_ratio: float | str | None = None,
         dense: bool | str = False,
         dtype: str | torch.dtype | None = "auto",
         attn_implementation: str | None = None,
@@ -311,6 +322,11 @@ class MoDLMM(lmms):
         baseline = None
         if preset in BASELINES:
             baseline, preset = DropSpec(str(preset), int(prune_layer), float(prune_ratio)), None
+        budget = {"layer_list": layer_list, "lam": lam, "withdraw_layer": withdraw_layer, "subset_ratio": subset_ratio}
+        if preset in ZOO:
+            baseline, preset = zoo_spec(str(preset), **budget), None
+        elif any(v is not None and v != "" for v in budget.values()):
+            raise TypeError(f"model args {[k for k, v in budget.items() if v]} are the budgets of preset={'|'.join(ZOO)}")
         self.model, self.processor = load_model(
             str(pretrained),
             mod or None,

@@ -49,7 +49,12 @@ class ModelResult:
     @property
     def label(self) -> str:
         """The name, with a token-dropping baseline's K and R (FastV's names: R is the fraction pruned)."""
+        from .zoo import budget_label
+
         args = self.model_args
+        zoo = budget_label(str(args.get("preset")), args)
+        if zoo is not None:  # a zoo method: its budget as its paper names it
+            return zoo if self.name == args.get("preset") else f"{self.name}: {zoo}"
         if "prune_layer" in args and "prune_ratio" in args:
             return f"{self.name} (K={args['prune_layer']}, R={float(args['prune_ratio']):g})"
         return self.name

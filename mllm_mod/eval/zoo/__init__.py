@@ -1,0 +1,95 @@
+"""The training-free zoo on the MoD core, beside FastV and random drop (`mllm_mod.eval.baselines`).
+
+One module per method, all on the staged decision of `staged` (the same gather, compact KV cache and
+`mllm_mod.efficiency` accounting as FastV and the trained MoD recipes):
+
+- ``pdrop`` (`pdrop`): PyramidDrop -- stages at ``layer_list`` (paper: 8, 16, 24 of 32), each keeping the
+  fraction ``lam`` (lambda, 0.5) of the image tokens still present, ranked by the last instruction token.
+- ``vtw`` (`vtw`): Visual Token Withdrawal -- every vision token removed from layer ``withdraw_layer`` (K)
+  on; `vtw.calibrate_k` chooses K by the KL divergence of the output on a calibration set.
+- ``divprune`` (`divprune`): DivPrune -- a greedy max-min diverse subset (``subset_ratio`` retained, 0.098)
+  of the projected vision tokens, before the LLM: every layer sees the shorter sequence.
+
+``apply_zoo(model, "pdrop", lam=0.5)`` or with a spec; ``mllm_mod.unload`` undoes any of them. docs/BASELINES.md
+has the table of methods, budgets and what is tested.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .divprune import DivPruneSpec, apply_divprune
+from .pdrop import PDropSpec, apply_pdrop
+from .vtw import VTWSpec, apply_vtw, calibrate_k
+
+ZOO = ("pdrop", "vtw", "divprune")
+SPECS = {"pdrop": PDropSpec, "vtw": VTWSpec, "divprune": DivPruneSpec}
+APPLY = {"pdrop": apply_pdrop, "vtw": apply_vtw, "divprune": apply_divprune}
+FIELDS = {"pdrop": ("layer_list", "lam"), "vtw": ("withdraw_layer",), "divprune": ("subset_ratio",)}
+ZOO_ARGS = tuple(dict.fromkeys(name for names in FIELDS.values() for name in names))  # every budget model arg
+ZooSpec = PDropSpec | VTWSpec | DivPruneSpec
+
+
+def parse_field(name: str, value: Any) -> Any:
+    """A budget field from a model-arg value (strings from ``--model_args`` or the command line)."""
+    if name == "layer_list":
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").replace(" ", "").replace(";", ",").split(",") if v]
+        return tuple(int(v) for v in value)
+    if name == "withdraw_layer":
+        return int(value)
+    return float(value)
+
+
+def zoo_spec(method: str, **fields: Any) -> ZooSpec:
+    """The spec of `method` (one of `ZOO`) from its budget fields; None values take the paper's defaults;
+    a field of another method is refused."""
+    if method not in SPECS:
+        raise ValueError(f"unknown training-free method {method!r}; choose from {ZOO}")
+    given = {k: v for k, v in fields.items() if v is not None and v != ""}
+    wrong = sorted(set(given) - set(FIELDS[method]))
+    if wrong:
+        raise TypeError(f"{method}: {wrong} are not its budget fields; it takes {list(FIELDS[method])}")
+    return SPECS[method](**{k: parse_field(k, v) for k, v in given.items()})
+
+
+def is_zoo_spec(spec: Any) -> bool:
+    return isinstance(spec, (PDropSpec, VTWSpec, DivPruneSpec))
+
+
+def apply_zoo(model: nn.Module, spec: ZooSpec | str, **fields: Any) -> nn.Module:
+    """Turn a stock model into a zoo method in place; ``mllm_mod.unload`` undoes it."""
+    spec = zoo_spec(spec, **fields) if isinstance(spec, str) else spec
+    return APPLY[spec.method](model, spec)
+
+
+def budget_label(method: str, model_args: dict[str, Any]) -> str | None:
+    """``pdrop (layer_list=8,16,24, lam=0.5)`` from a variant's model args: its budget as the paper names it
+    (None for a variant that is not a zoo method)."""
+    if method not in SPECS:
+        return None
+    spec = zoo_spec(method, **{k: model_args.get(k) for k in FIELDS[method]})
+    parts = {"pdrop": lambda s: [f"layer_list={','.join(map(str, s.layer_list)) if s.layer_list else '8,16,24 of 32, scaled'}", f"lambda={s.lam:g}"],
+             "vtw": lambda s: [f"K={s.withdraw_layer if s.withdraw_layer is not None else '15 of 32, scaled'}"],
+             "divprune": lambda s: [f"subset_ratio={s.subset_ratio:g} retained"]}[method](spec)
+    return f"{method} ({', '.join(parts)})"
+
+
+__all__ = [
+    "FIELDS",
+    "ZOO",
+    "ZOO_ARGS",
+    "DivPruneSpec",
+    "PDropSpec",
+    "VTWSpec",
+    "apply_divprune",
+    "apply_pdrop",
+    "apply_vtw",
+    "apply_zoo",
+    "budget_label",
+    "calibrate_k",
+    "is_zoo_spec",
+    "zoo_spec",
+]  # fmt: skip
