@@ -184,6 +184,7 @@ def test_measured_kept_tokens_and_kv_entries(method):
         }[method]
         assert [e[b] for e in report.kv_entries_per_layer] == expected
         assert [k[b] for k in report.kept_per_layer] == expected
+        assert [t + k for k in SPECS[method].kept_vision(4, v)] == expected  # what the budget search prices
     assert report.tflops_ratio < 1 and report.kv_ratio < 1
 
 
@@ -226,6 +227,24 @@ def test_vtw_calibration_takes_the_first_k_under_eta():
     kl = {5: 0.2, 6: 0.01, 7: 0.002, 8: 0.004, 9: 0.001}
     assert first_under(kl, 0.003, 31) == 7  # the reference's eta for LLaVA-1.5-7B
     assert first_under(kl, 0.0001, 31) == 31 and first_under(kl, 1.0, 31) == 5
+
+
+@pytest.mark.parametrize("method", list(SPECS))
+def test_budget_at_pmod_tflops(method):
+    """The study's equal-TFLOPs budget: the candidate closest to p-MoD's prefill cost (LLaVA-1.5-7B shape,
+    576 vision + 64 text tokens), within 2% of it."""
+    from mllm_mod.config import MoDConfig
+    from mllm_mod.eval.zoo.matching import candidates, matched_spec, spec_cost
+    from mllm_mod.flops import DecoderShape, prefill_cost
+    from mllm_mod.schedule import layer_ratios_for
+
+    shape = DecoderShape(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, vocab=32000, layers=32)
+    target = prefill_cost(shape, layer_ratios_for(MoDConfig(preset="pmod"), 32), 64, 576).decoder_flops
+    spec = matched_spec(method, shape, 64, 576, layer_ratios_for(MoDConfig(preset="pmod"), 32))
+    gap = abs(spec_cost(shape, spec, 64, 576) - target)
+    assert gap <= min(abs(spec_cost(shape, c, 64, 576) - target) for c in candidates(method, 32, 576)) + 0
+    assert gap < 0.02 * target
+    assert spec.method == method and zoo_spec(method, **{k: str(v) for k, v in spec.budget().items()}) == spec
 
 
 def test_paper_defaults_scaled_to_depth():

@@ -10,8 +10,9 @@ One module per method, all on the staged decision of `staged` (the same gather, 
 - ``divprune`` (`divprune`): DivPrune -- a greedy max-min diverse subset (``subset_ratio`` retained, 0.098)
   of the projected vision tokens, before the LLM: every layer sees the shorter sequence.
 
-``apply_zoo(model, "pdrop", lam=0.5)`` or with a spec; ``mllm_mod.unload`` undoes any of them. docs/BASELINES.md
-has the table of methods, budgets and what is tested.
+``apply_zoo(model, "pdrop", lam=0.5)`` or with a spec; ``mllm_mod.unload`` undoes any of them. `matching`
+finds each method's budget at a given prefill cost (the study's equal-TFLOPs arms). docs/BASELINES.md has
+the table of methods, budgets and what is tested.
 """
 
 from __future__ import annotations

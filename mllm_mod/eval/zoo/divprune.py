@@ -45,6 +45,10 @@ class DivPruneSpec:
     def stages(self, num_layers: int) -> list[Stage]:
         return [Stage(0, float(self.subset_ratio))]
 
+    def kept_vision(self, num_layers: int, n_vision: int) -> list[int]:
+        """Vision tokens each layer processes for a sample of `n_vision`: the subset, in every layer."""
+        return [keep_count(n_vision, self.subset_ratio)] * num_layers
+
     def budget(self) -> dict[str, object]:
         return {"subset_ratio": self.subset_ratio}
 

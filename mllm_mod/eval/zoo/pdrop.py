@@ -69,6 +69,11 @@ class PDropSpec:
     def stages(self, num_layers: int) -> list[Stage]:
         return [Stage(b, float(self.lam) ** (s + 1)) for s, b in enumerate(self.boundaries(num_layers))]
 
+    def kept_vision(self, num_layers: int, n_vision: int) -> list[int]:
+        """Vision tokens each layer processes for a sample of `n_vision` (the rule's counts)."""
+        stages = self.stages(num_layers)
+        return [next((int(n_vision * st.ratio) for st in reversed(stages) if st.start <= i), n_vision) for i in range(num_layers)]
+
     def budget(self) -> dict[str, object]:
         """The model args that name this budget (the reference's names)."""
         out: dict[str, object] = {"lam": self.lam}

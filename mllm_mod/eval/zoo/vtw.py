@@ -55,6 +55,11 @@ class VTWSpec:
     def stages(self, num_layers: int) -> list[Stage]:
         return [Stage(self.layer(num_layers), 0.0)]
 
+    def kept_vision(self, num_layers: int, n_vision: int) -> list[int]:
+        """Vision tokens each layer processes for a sample of `n_vision`: all before K, none from K on."""
+        k = self.layer(num_layers)
+        return [n_vision] * k + [0] * (num_layers - k)
+
     def budget(self) -> dict[str, object]:
         return {} if self.withdraw_layer is None else {"withdraw_layer": int(self.withdraw_layer)}
 
