@@ -259,8 +259,8 @@ def test_existing_output_is_not_overwritten(tmp_path, llava_src):
 
 def test_llava_next_layout_keeps_the_image_newline(tmp_path, llava_src):
     """LLaVA-NeXT in the original layout (anyres, spatial_unpad): the newline token is kept, the grid
-    pinpoints come over, and the imported model runs a batch of non-square images. (Its decoder and tower
-    keys are LLaVA-1.5's, checked against the reference above; anyres packing is transformers' code.)"""
+    pinpoints come over, and the imported model runs a batch of non-square images. (The logits against the
+    original forward, anyres packing included: test_import_next.py.)"""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     newline = torch.randn(32, generator=torch.Generator().manual_seed(5))
@@ -270,7 +270,8 @@ def test_llava_next_layout_keeps_the_image_newline(tmp_path, llava_src):
     import_checkpoint(src, out, vision_tower=llava_src["tower"], progress=False)
     model = LlavaNextForConditionalGeneration.from_pretrained(out).eval()
     assert torch.equal(model.model.image_newline.detach(), newline)
-    assert model.config.image_grid_pinpoints == [[IMAGE, IMAGE], [IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE], [2 * IMAGE, 2 * IMAGE]]
+    # the range string's (i x j) are (width, height) tiles in the original code: [height, width] here
+    assert model.config.image_grid_pinpoints == [[IMAGE, IMAGE], [2 * IMAGE, IMAGE], [IMAGE, 2 * IMAGE], [2 * IMAGE, 2 * IMAGE]]
     processor = AutoProcessor.from_pretrained(out)
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=[_image(40, 70), _image(70, 35)], text=PROMPTS[:2], return_tensors="pt", padding=True)

@@ -33,14 +33,14 @@ CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261302
 
 
 # -- fabrication ---------------------------------------------------------------------------------------
-def source_tokenizer(qwen: bool = False):
+def source_tokenizer(qwen: bool = False, words: list[str] | None = None):
     """A word-level tokenizer as an original checkpoint ships it: no ``<image>`` token, no pad token
-    for Llama (``<|endoftext|>`` is Qwen's pad)."""
+    for Llama (``<|endoftext|>`` is Qwen's pad); `words` replaces the default vocabulary's words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if qwen else ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials, *WORDS, "<unk2>"]))}
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials, *(words or WORDS), "<unk2>"]))}
     unk = "<|endoftext|>" if qwen else "<unk>"
     backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -274,20 +274,39 @@ def pmod_layer(sd: dict, i: int, x: torch.Tensor, vision: torch.Tensor, ratio: f
     return out
 
 
+def project(sd: dict, feats: torch.Tensor) -> torch.Tensor:
+    """The ``mlp2x_gelu`` projector: Linear, GELU, Linear."""
+    feats = F.gelu(feats @ sd["model.mm_projector.0.weight"].T + sd["model.mm_projector.0.bias"])
+    return feats @ sd["model.mm_projector.2.weight"].T + sd["model.mm_projector.2.bias"]
+
+
+def tile_features(
+    sd: dict, pixels: torch.Tensor, tower: str = "clip", tower_layers: int = 2, select_layer: int = -2, keep_cls: bool = False
+) -> torch.Tensor:
+    """Projected features [N, D] of one image or tile [3, H, W]: the tower's selected layer (CLS dropped
+    for CLIP's ``patch`` selection), then the projector."""
+    feats = vit(sd, "model.vision_tower.vision_tower.vision_model.", pixels, tower, tower_layers)[select_layer]
+    if tower == "clip" and not keep_cls:
+        feats = feats[1:]
+    return project(sd, feats)
+
+
 def reference_logits(
     sd: dict, input_ids: torch.Tensor, image_id: int, pixels: torch.Tensor, layers: int, tower: str = "clip",
     tower_layers: int = 2, select_layer: int = -2, keep_cls: bool = False, eps: float = 1e-5, pmod: bool = False,
 ) -> torch.Tensor:
     """Logits [T, V] of the original model on one prompt whose image placeholder run (`image_id`, as the
     processor expands it) is replaced by the projected patch features of `pixels` [3, H, W]."""
-    prefix = "model.vision_tower.vision_tower.vision_model."
-    feats = vit(sd, prefix, pixels, tower, tower_layers)[select_layer]
-    if tower == "clip" and not keep_cls:
-        feats = feats[1:]
-    feats = F.gelu(feats @ sd["model.mm_projector.0.weight"].T + sd["model.mm_projector.0.bias"])
-    feats = feats @ sd["model.mm_projector.2.weight"].T + sd["model.mm_projector.2.bias"]  # [N, D]
+    feats = tile_features(sd, pixels, tower, tower_layers, select_layer, keep_cls)
+    return decoder_logits(sd, input_ids, image_id, feats, layers, eps, pmod)
+
+
+def decoder_logits(
+    sd: dict, input_ids: torch.Tensor, image_id: int, feats: torch.Tensor, layers: int, eps: float = 1e-5, pmod: bool = False
+) -> torch.Tensor:
+    """Logits [T, V] of the original decoder on one prompt whose placeholder run is replaced by `feats` [N, D]."""
     vision = input_ids == image_id  # [T]
-    assert int(vision.sum()) == feats.shape[0], "the processor's placeholder count differs from the tower's"
+    assert int(vision.sum()) == feats.shape[0], "the processor's placeholder count differs from the original's features"
     x = sd["model.embed_tokens.weight"][input_ids.clamp(max=sd["model.embed_tokens.weight"].shape[0] - 1)]
     x = x.clone()
     x[vision] = feats
@@ -303,6 +322,74 @@ def reference_logits(
     x = rms(x, sd["model.norm.weight"], eps)
     head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
     return x @ head.T
+
+
+# -- the original anyres path (LLaVA-NeXT's anyres, OneVision's anyres_max_N) --------------------------
+# From the original code bases' llava/mm_utils.py and llava_arch.py: image sizes are PIL's (width, height),
+# and so are the pairs of image_grid_pinpoints there.
+def best_resolution(size_wh: tuple[int, int], pinpoints_wh: list) -> tuple[int, int]:
+    """select_best_resolution: the grid that keeps the most of the picture, then wastes the least."""
+    width, height = size_wh
+    best, best_kept, best_waste = None, 0, float("inf")
+    for w, h in pinpoints_wh:
+        scale = min(w / width, h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        if kept > best_kept or (kept == best_kept and w * h - kept < best_waste):
+            best, best_kept, best_waste = (w, h), kept, w * h - kept
+    return best
+
+
+def anyres_tiles(image, pinpoints_wh: list, tile: int, mean: list[float], std: list[float]) -> torch.Tensor:
+    """process_anyres_image: [1 + n, 3, tile, tile], the whole picture resized to a square first, then
+    the tiles (row by row) of the picture resized into the best grid keeping its aspect, padded black."""
+    import numpy as np
+    from PIL import Image
+
+    w0, h0 = image.size
+    tw, th = best_resolution(image.size, pinpoints_wh)
+    if tw / w0 < th / h0:
+        nw, nh = tw, min(math.ceil(h0 * (tw / w0)), th)
+    else:
+        nw, nh = min(math.ceil(w0 * (th / h0)), tw), th
+    canvas = Image.new("RGB", (tw, th), (0, 0, 0))
+    canvas.paste(image.resize((nw, nh), Image.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
+    tiles = [image.resize((tile, tile), Image.BICUBIC)]
+    tiles += [canvas.crop((j, i, j + tile, i + tile)) for i in range(0, th, tile) for j in range(0, tw, tile)]
+    mean_, std_ = np.array(mean, dtype=np.float32), np.array(std, dtype=np.float32)
+    return torch.stack([torch.from_numpy((np.asarray(t, dtype=np.float32) / 255.0 - mean_) / std_).permute(2, 0, 1) for t in tiles])
+
+
+def unpad(x: torch.Tensor, size_wh: tuple[int, int]) -> torch.Tensor:
+    """unpad_image: drop the feature rows (or columns) that cover the padding of x [C, H, W]."""
+    width, height = size_wh
+    cur_h, cur_w = x.shape[1:]
+    if width / height > cur_w / cur_h:
+        pad = (cur_h - int(height * (cur_w / width))) // 2
+        return x[:, pad : cur_h - pad, :]
+    pad = (cur_w - int(width * (cur_h / height))) // 2
+    return x[:, :, pad : cur_w - pad]
+
+
+def anyres_features(
+    sd: dict, tiles: torch.Tensor, size_wh: tuple[int, int], pinpoints_wh: list, tile: int,
+    max_patches: int | None = None, **tower,
+) -> torch.Tensor:
+    """The packed features [N, D] of one picture (``spatial_unpad``): the base tile's, then the grid's as one
+    feature map, unpadded, (anyres_max_N: bilinearly shrunk when over N tiles' worth by more than 1.1x),
+    the image-newline vector after each row."""
+    feats = torch.stack([tile_features(sd, t, **tower) for t in tiles])  # [1 + n, side * side, D]
+    base, grid = feats[0], feats[1:]
+    side = math.isqrt(base.shape[0])
+    gw, gh = (x // tile for x in best_resolution(size_wh, pinpoints_wh))
+    x = grid.view(gh, gw, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # [D, gh*side, gw*side]
+    x = unpad(x, size_wh)
+    if max_patches is not None:
+        h, w = x.shape[1:]
+        times = math.sqrt(h * w / (max_patches * side**2))
+        if times > 1.1:
+            x = F.interpolate(x[None], [int(h // times), int(w // times)], mode="bilinear")[0]
+    x = torch.cat([x, sd["model.image_newline"][:, None, None].expand(*x.shape[:-1], 1)], dim=-1)
+    return torch.cat([base, x.flatten(1, 2).T])
 
 
 def test_reference_prd_ratios_are_the_published_ones():

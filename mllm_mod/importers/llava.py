@@ -122,17 +122,25 @@ def prepare(src: str, raw: dict[str, Any], source: Source, options: Options) -> 
 
 
 def grid_pinpoints(raw: dict[str, Any], path: str, image_size: int) -> list[list[int]]:
-    """``image_grid_pinpoints``: a list of [height, width], or the original code's range string
-    ``"(1x1),...,(6x6)"`` (every grid between the two corners, in units of the tower's image size)."""
+    """``image_grid_pinpoints`` as transformers reads them: [height, width] each, in the source's order.
+
+    The original code bases read each pair as (width, height) (``for width, height in
+    possible_resolutions`` in `select_best_resolution`, against PIL's (width, height) image size), so
+    every pair is swapped. A list, or the LLaVA-NeXT code base's range string ``"(1x1),...,(6x6)"``
+    (every (i, j) between the two corners, in units of the tower's image size). Released configs list
+    a set closed under the swap, where it changes nothing; a fine-tune's asymmetric list needs it."""
     value = raw.get("image_grid_pinpoints")
-    if isinstance(value, list) and value and all(isinstance(p, list) and len(p) == 2 for p in value):
-        return [[int(h), int(w)] for h, w in value]
-    if isinstance(value, str):
+    pairs = None
+    if isinstance(value, list) and value and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        pairs = [(int(w), int(h)) for w, h in value]
+    elif isinstance(value, str):
         corners = re.findall(r"\((\d+)x(\d+)\)", value)
         if len(corners) >= 2:
-            (h0, w0), (h1, w1) = [(int(a), int(b)) for a, b in (corners[0], corners[-1])]
-            return [[i * image_size, j * image_size] for i in range(h0, h1 + 1) for j in range(w0, w1 + 1)]
-    raise CheckpointError(f"{path}/config.json: image_grid_pinpoints = {value!r} is not a list of [height, width]")
+            (i0, j0), (i1, j1) = [(int(a), int(b)) for a, b in (corners[0], corners[-1])]
+            pairs = [(i * image_size, j * image_size) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
+    if not pairs or any(w <= 0 or h <= 0 for w, h in pairs):
+        raise CheckpointError(f"{path}/config.json: image_grid_pinpoints = {value!r} is not a list of [width, height]")
+    return [[h, w] for w, h in pairs]
 
 
 LLAVA = register(
