@@ -14,7 +14,7 @@ import mllm_mod
 from mllm_mod.cache import MoDCacheLayer
 from mllm_mod.compat import output_cache
 from mllm_mod.eval.baselines import apply_baseline, drop_decision
-from mllm_mod.eval.zoo import DivPruneSpec, PDropSpec, VTWSpec, apply_zoo, calibrate_k, zoo_spec
+from mllm_mod.eval.zoo import DARTSpec, DivPruneSpec, PDropSpec, VTWSpec, apply_zoo, calibrate_k, zoo_spec
 from mllm_mod.eval.zoo.pdrop import scaled_layer_list
 from mllm_mod.eval.zoo.vtw import first_under, scaled_k
 from mllm_mod.retrofit import is_retrofitted
@@ -22,10 +22,11 @@ from mllm_mod.tiny import tiny_model
 
 LAYERS = (1, 2, 3)  # PDrop's boundaries on a 4-layer decoder (8, 16, 24 of 32, scaled)
 LAM, K, SUBSET = 0.5, 2, 0.3
-SPECS = {"pdrop": PDropSpec(LAYERS, LAM), "vtw": VTWSpec(K), "divprune": DivPruneSpec(SUBSET)}
+DART = DARTSpec(pruned_layer=2, reduction_ratio=0.5, pivot_image_token=2, pivot_text_token=2)  # 3 per pivot
+SPECS = {"pdrop": PDropSpec(LAYERS, LAM), "vtw": VTWSpec(K), "divprune": DivPruneSpec(SUBSET), "dart": DART}
 # generation checks: PyramidDrop (ranking token, three stages, renumbered positions) in the default run, the
 # simpler VTW and DivPrune (same machinery) with -m slow, to keep the default run short
-GENERATION = ["pdrop", pytest.param("vtw", marks=pytest.mark.slow), pytest.param("divprune", marks=pytest.mark.slow)]
+GENERATION = ["pdrop"] + [pytest.param(m, marks=pytest.mark.slow) for m in ("vtw", "divprune", "dart")]
 
 
 def stock_pass(model, inputs):
@@ -110,6 +111,45 @@ def reference_divprune(model, inputs, ratio):
     return kept, last_logits(model, decoder, h)
 
 
+def reference_dart(model, inputs, spec):
+    """DART as its reference code states it (one unpadded sample): layer K-1's post-RoPE keys (eager
+    `self_attn` on its normed input) -> L1 norms -> image pivots and text pivots after the image; for each
+    pivot in the order of the Python set of pivot indices, the `share` unclaimed image tokens of lowest cosine
+    similarity (final-norm states after layer K-1); then the stock layers K.. on the kept tokens at their
+    original positions."""
+    hidden, vision, decoder = stock_pass(model, inputs)
+    k = spec.pruned_layer
+    block = decoder.layers[k - 1]
+    length = inputs["input_ids"].shape[1]
+    positions = torch.arange(length)
+    cos, sin = decoder.rotary_emb(hidden[k - 1], positions[None])
+    with torch.no_grad():
+        x = block.input_layernorm(hidden[k - 1])
+        keys = block.self_attn.k_proj(x).view(1, length, -1, block.self_attn.head_dim).transpose(1, 2)  # [1, Hkv, T, hd]
+        half = keys.shape[-1] // 2
+        keys = keys * cos[:, None] + torch.cat([-keys[..., half:], keys[..., :half]], dim=-1) * sin[:, None]
+        keys = keys.permute(0, 2, 1, 3).reshape(1, length, -1)[0]  # [T, Hkv * hd]
+        states = decoder.norm(hidden[k])[0]  # [T, D]
+    start, n = int(vision[0]), len(vision)
+    norms = keys.abs().sum(-1)
+    image_indices = (norms[start : start + n].topk(spec.pivot_image_token).indices + start).tolist()
+    query_indices = (norms[start + n :].topk(spec.pivot_text_token).indices + start + n).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid = set(range(start, start + n)) - set(image_indices)
+    share = int(n * (1 - spec.reduction_ratio) / (spec.pivot_image_token + spec.pivot_text_token))
+    for item in list(indices_set):
+        valid_list = sorted(valid)
+        cos_sim = -torch.nn.functional.cosine_similarity(states[item], states[valid_list], dim=-1)
+        top = [valid_list[i] for i in cos_sim.topk(share).indices.tolist()]
+        indices_set.update(top)
+        valid.difference_update(top)
+    indices_set.difference_update(query_indices)
+    kept = sorted(indices_set)
+    present = torch.tensor(sorted(set(range(length)) - set(vision.tolist()) | set(kept)))
+    h = run_layers(decoder, decoder.layers[k:], hidden[k][:, present], present)
+    return kept, last_logits(model, decoder, h)
+
+
 def held_vision(cache, layer, image):
     """The vision positions a layer's compact cache holds (sample 0)."""
     entry = cache.layers[layer]
@@ -165,6 +205,20 @@ def test_divprune_is_the_shorter_sequence_of_its_diverse_subset():
     torch.testing.assert_close(out.logits[:, -1], logits_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_dart_keeps_the_reference_pivots_and_claims():
+    model, processor = tiny_model("llava", num_layers=4, attn="eager", seed=3)
+    inputs = make_inputs(processor, n=1)
+    kept_ref, logits_ref = reference_dart(model, inputs, DART)
+    assert len(kept_ref) == 2 + 4 * 3  # image pivots + every pivot's share int(25 * 0.5 / 4)
+    apply_zoo(model, DART)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    cache = output_cache(out)
+    image = (inputs["input_ids"][0] == model.config.image_token_id).tolist()
+    assert [held_vision(cache, i, image) for i in (2, 3)] == [kept_ref] * 2
+    torch.testing.assert_close(out.logits[:, -1], logits_ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", list(SPECS))
 def test_measured_kept_tokens_and_kv_entries(method):
     """On anyres LLaVA-NeXT (different vision counts, left padding): the kept tokens and KV entries each
@@ -181,6 +235,7 @@ def test_measured_kept_tokens_and_kv_entries(method):
             "pdrop": [t + v] + [t + int(v * LAM ** s) for s in (1, 2, 3)],
             "vtw": [t + v] * K + [t] * (4 - K),
             "divprune": [t + round(SUBSET * v)] * 4,
+            "dart": [t + v] * 2 + [t + 2 + 4 * int(v * 0.5 / 4)] * 2,
         }[method]
         assert [e[b] for e in report.kv_entries_per_layer] == expected
         assert [k[b] for k in report.kept_per_layer] == expected

@@ -64,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--withdraw-layer", type=int, help="vtw: K, the first layer without vision tokens (default: 15 of 32, scaled)"
     )
     p.add_argument("--subset-ratio", type=float, help="divprune: fraction of the vision tokens retained (default 0.098)")
+    p.add_argument(
+        "--reduction-ratio", type=float, help="dart: fraction of the image tokens pruned (default 0.778; K=2, 4+4 pivots)"
+    )
     p.add_argument("--limit", type=float, help="samples per task (a fraction if < 1), for smoke runs")
     p.add_argument("--data-root", help="directory of datasets.save_to_disk mirrors, one per task")
     p.add_argument("--skip-missing", action="store_true", help="run the tasks whose data is available")

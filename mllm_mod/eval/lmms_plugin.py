@@ -20,6 +20,8 @@ Model args (``--model_args k=v,...``; every value may arrive as a string):
                 and lambda, the fraction of the image tokens each boundary keeps (0.5)
     withdraw_layer  ``vtw``: K, the first layer without vision tokens (default: 15 of 32 layers, scaled)
     subset_ratio  ``divprune``: the fraction of the vision tokens retained (0.098)
+    pruned_layer, reduction_ratio, pivot_image_token, pivot_text_token  ``dart``: K (2), the fraction of
+                image tokens pruned (0.778), the image and text pivots (4, 4)
     dense       ``true``: the same code path without MoD (a full checkpoint is unloaded, mod/preset ignored)
     dtype, attn_implementation, device, batch_size, max_new_tokens
     num_frames  frames sampled uniformly from each clip a task gives as a video file (default 8)
@@ -287,6 +289,10 @@ class MoDLMM(lmms):
         lam: float | str | None = None,
         withdraw_layer: int | str | None = None,
         subset_ratio: float | str | None = None,
+        pruned_layer: int | str | None = None,
+        reduction_ratio: float | str | None = None,
+        pivot_image_token: int | str | None = None,
+        pivot_text_token: int | str | None = None,
         dense: bool | str = False,
         dtype: str | torch.dtype | None = "auto",
         attn_implementation: str | None = None,
@@ -322,7 +328,16 @@ class MoDLMM(lmms):
         baseline = None
         if preset in BASELINES:
             baseline, preset = DropSpec(str(preset), int(prune_layer), float(prune_ratio)), None
-        budget = {"layer_list": layer_list, "lam": lam, "withdraw_layer": withdraw_layer, "subset_ratio": subset_ratio}
+        budget = {
+            "layer_list": layer_list,
+            "lam": lam,
+            "withdraw_layer": withdraw_layer,
+            "subset_ratio": subset_ratio,
+            "pruned_layer": pruned_layer,
+            "reduction_ratio": reduction_ratio,
+            "pivot_image_token": pivot_image_token,
+            "pivot_text_token": pivot_text_token,
+        }
         if preset in ZOO:
             baseline, preset = zoo_spec(str(preset), **budget), None
         elif any(v is not None and v != "" for v in budget.values()):

@@ -9,6 +9,8 @@ One module per method, all on the staged decision of `staged` (the same gather, 
   on; `vtw.calibrate_k` chooses K by the KL divergence of the output on a calibration set.
 - ``divprune`` (`divprune`): DivPrune -- a greedy max-min diverse subset (``subset_ratio`` retained, 0.098)
   of the projected vision tokens, before the LLM: every layer sees the shorter sequence.
+- ``dart`` (`dart`): DART -- pivots by the key norm of layer K-1 (``pruned_layer`` 2; ``pivot_image_token``
+  4, ``pivot_text_token`` 4), each claiming the image tokens least similar to it; ``reduction_ratio`` 0.778.
 
 ``apply_zoo(model, "pdrop", lam=0.5)`` or with a spec; ``mllm_mod.unload`` undoes any of them. `matching`
 finds each method's budget at a given prefill cost (the study's equal-TFLOPs arms). docs/BASELINES.md has
@@ -21,16 +23,23 @@ from typing import Any
 
 from torch import nn
 
+from .dart import DARTSpec, apply_dart
 from .divprune import DivPruneSpec, apply_divprune
 from .pdrop import PDropSpec, apply_pdrop
 from .vtw import VTWSpec, apply_vtw, calibrate_k
 
-ZOO = ("pdrop", "vtw", "divprune")
-SPECS = {"pdrop": PDropSpec, "vtw": VTWSpec, "divprune": DivPruneSpec}
-APPLY = {"pdrop": apply_pdrop, "vtw": apply_vtw, "divprune": apply_divprune}
-FIELDS = {"pdrop": ("layer_list", "lam"), "vtw": ("withdraw_layer",), "divprune": ("subset_ratio",)}
+ZOO = ("pdrop", "vtw", "divprune", "dart")
+SPECS = {"pdrop": PDropSpec, "vtw": VTWSpec, "divprune": DivPruneSpec, "dart": DARTSpec}
+APPLY = {"pdrop": apply_pdrop, "vtw": apply_vtw, "divprune": apply_divprune, "dart": apply_dart}
+FIELDS = {
+    "pdrop": ("layer_list", "lam"),
+    "vtw": ("withdraw_layer",),
+    "divprune": ("subset_ratio",),
+    "dart": ("pruned_layer", "reduction_ratio", "pivot_image_token", "pivot_text_token"),
+}
+INTEGER_FIELDS = ("withdraw_layer", "pruned_layer", "pivot_image_token", "pivot_text_token")
 ZOO_ARGS = tuple(dict.fromkeys(name for names in FIELDS.values() for name in names))  # every budget model arg
-ZooSpec = PDropSpec | VTWSpec | DivPruneSpec
+ZooSpec = PDropSpec | VTWSpec | DivPruneSpec | DARTSpec
 
 
 def parse_field(name: str, value: Any) -> Any:
@@ -39,7 +48,7 @@ def parse_field(name: str, value: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").replace(" ", "").replace(";", ",").split(",") if v]
         return tuple(int(v) for v in value)
-    if name == "withdraw_layer":
+    if name in INTEGER_FIELDS:
         return int(value)
     return float(value)
 
@@ -57,7 +66,7 @@ def zoo_spec(method: str, **fields: Any) -> ZooSpec:
 
 
 def is_zoo_spec(spec: Any) -> bool:
-    return isinstance(spec, (PDropSpec, VTWSpec, DivPruneSpec))
+    return isinstance(spec, (PDropSpec, VTWSpec, DivPruneSpec, DARTSpec))
 
 
 def apply_zoo(model: nn.Module, spec: ZooSpec | str, **fields: Any) -> nn.Module:
@@ -72,19 +81,18 @@ def budget_label(method: str, model_args: dict[str, Any]) -> str | None:
     if method not in SPECS:
         return None
     spec = zoo_spec(method, **{k: model_args.get(k) for k in FIELDS[method]})
-    parts = {"pdrop": lambda s: [f"layer_list={','.join(map(str, s.layer_list)) if s.layer_list else '8,16,24 of 32, scaled'}", f"lambda={s.lam:g}"],
-             "vtw": lambda s: [f"K={s.withdraw_layer if s.withdraw_layer is not None else '15 of 32, scaled'}"],
-             "divprune": lambda s: [f"subset_ratio={s.subset_ratio:g} retained"]}[method](spec)
-    return f"{method} ({', '.join(parts)})"
+    return f"{method} ({spec.label()})"
 
 
 __all__ = [
     "FIELDS",
     "ZOO",
     "ZOO_ARGS",
+    "DARTSpec",
     "DivPruneSpec",
     "PDropSpec",
     "VTWSpec",
+    "apply_dart",
     "apply_divprune",
     "apply_pdrop",
     "apply_vtw",

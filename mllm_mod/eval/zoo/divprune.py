@@ -49,6 +49,10 @@ class DivPruneSpec:
         """Vision tokens each layer processes for a sample of `n_vision`: the subset, in every layer."""
         return [keep_count(n_vision, self.subset_ratio)] * num_layers
 
+    def label(self) -> str:
+        """The budget as the paper names it, for reports."""
+        return f"subset_ratio={self.subset_ratio:g} retained"
+
     def budget(self) -> dict[str, object]:
         return {"subset_ratio": self.subset_ratio}
 

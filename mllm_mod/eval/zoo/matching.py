@@ -1,13 +1,14 @@
 """Budgets at a given prefill cost: each zoo method's budget whose TFLOPs (the `flops.prefill_cost`
 accounting that `mllm_mod.efficiency` checks) come closest to a target's, e.g. p-MoD's, for the fidelity
 study's equal-TFLOPs arms. The search keeps the paper's other settings: PyramidDrop varies lambda at its
-boundaries, VTW varies K, DivPrune varies the retained fraction."""
+boundaries, VTW varies K, DivPrune varies the retained fraction, DART its reduction ratio at K = 2."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from .dart import DARTSpec
 from .divprune import DivPruneSpec
 from .pdrop import PDropSpec
 from .vtw import VTWSpec
@@ -27,7 +28,7 @@ def spec_cost(shape, spec: Any, n_text: int, n_vision: int) -> int:
 
 def candidates(method: str, num_layers: int, n_vision: int, base: Any = None) -> list[Any]:
     """The specs the search compares: lambda in 0.01 .. 0.99 (step 0.01) at `base`'s boundaries, every K,
-    every retained count k / n."""
+    every retained count k / n, DART's reduction ratio in 0 .. 0.99."""
     if method == "pdrop":
         layer_list = base.layer_list if base is not None else None
         return [PDropSpec(layer_list, round(0.01 * i, 2)) for i in range(1, 100)]
@@ -35,6 +36,8 @@ def candidates(method: str, num_layers: int, n_vision: int, base: Any = None) ->
         return [VTWSpec(k) for k in range(1, num_layers)]
     if method == "divprune":
         return [DivPruneSpec(k / n_vision) for k in range(1, n_vision + 1)]
+    if method == "dart":
+        return [DARTSpec(reduction_ratio=round(0.01 * i, 2)) for i in range(100)]
     raise ValueError(f"no budget search for {method!r}")
 
 

@@ -74,6 +74,11 @@ class PDropSpec:
         stages = self.stages(num_layers)
         return [next((int(n_vision * st.ratio) for st in reversed(stages) if st.start <= i), n_vision) for i in range(num_layers)]
 
+    def label(self) -> str:
+        """The budget as the paper names it, for reports."""
+        boundaries = ",".join(map(str, self.layer_list)) if self.layer_list else "8,16,24 of 32, scaled"
+        return f"layer_list={boundaries}, lambda={self.lam:g}"
+
     def budget(self) -> dict[str, object]:
         """The model args that name this budget (the reference's names)."""
         out: dict[str, object] = {"lam": self.lam}

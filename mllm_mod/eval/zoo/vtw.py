@@ -60,6 +60,10 @@ class VTWSpec:
         k = self.layer(num_layers)
         return [n_vision] * k + [0] * (num_layers - k)
 
+    def label(self) -> str:
+        """The budget as the paper names it, for reports."""
+        return f"K={self.withdraw_layer if self.withdraw_layer is not None else '15 of 32, scaled'}"
+
     def budget(self) -> dict[str, object]:
         return {} if self.withdraw_layer is None else {"withdraw_layer": int(self.withdraw_layer)}
 
