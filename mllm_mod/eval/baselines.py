@@ -1,5 +1,5 @@
 """Training-free token-dropping baselines built on the MoD core: FastV and random drop (the zoo -- PyramidDrop,
-VTW, DivPrune -- is `mllm_mod.eval.zoo`, on the same decision machinery; docs/BASELINES.md).
+VTW, DivPrune, DART -- is `mllm_mod.eval.zoo`, on the same decision machinery; docs/BASELINES.md).
 
 Both keep layers ``0 .. K-1`` as they are and, from layer ``K`` on, prune the fraction ``R`` of each
 sample's vision tokens (FastV's names: K the pruning layer, R the fraction *pruned*): every later layer
@@ -298,7 +298,7 @@ def drop_config(method: str, layers: list[int], ratio: float, **rules: Any):
 
 def apply_baseline(model: nn.Module, spec: DropSpec | str, **fields: Any) -> nn.Module:
     """Turn a stock model into the FastV or random-drop baseline, in place; ``mllm_mod.unload`` undoes it.
-    A zoo method's name or spec (``"pdrop"``, ``"vtw"``, ``"divprune"``) goes to `mllm_mod.eval.zoo.apply_zoo`.
+    A zoo method's name or spec (``"pdrop"``, ``"vtw"``, ``"divprune"``, ``"dart"``) goes to `mllm_mod.eval.zoo.apply_zoo`.
 
     ``apply_baseline(model, "fastv", prune_layer=2, prune_ratio=0.5)`` (FastV's K and R: prune half of the
     vision tokens from layer 2 on) or with a `DropSpec`.
