@@ -77,7 +77,7 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    ctx = adapter.routing_context(model, input_ids, None, attention_mask)
+    ctx = adapter.routing_context(model, input_ids, None, attention_mask, inputs=batch)
     ctx.stats = []
     with torch.no_grad():
         out = model(**batch, mod_routing=ctx, use_cache=True)

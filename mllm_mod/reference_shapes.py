@@ -26,6 +26,17 @@ SMOLLM2_1B7: dict[str, Any] = dict(  # SmolLM2-1.7B, the LLM of SmolVLM-Instruct
     rope_theta=273768.0,
 )
 
+QWEN25_VL_7B_TEXT: dict[str, Any] = dict(  # the LLM of Qwen2.5-VL-7B (Qwen2.5-7B; M-RoPE sections 16/24/24)
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+)
+QWEN3_VL_8B_TEXT: dict[str, Any] = dict(  # the LLM of Qwen3-VL-8B (Qwen3-8B; interleaved M-RoPE 24/20/20)
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+)
+
 
 def _llava_config(shape: ReferenceShape) -> Any:
     import transformers as tf
@@ -69,6 +80,19 @@ def _smolvlm_config(shape: ReferenceShape) -> Any:
     )
 
 
+def _qwen_vl_config(shape: ReferenceShape) -> Any:
+    import transformers as tf
+
+    ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    if shape.family == "qwen2_5_vl":  # 675M ViT, 14-px patches, 2x2 merged (one token per 28 x 28 px)
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                      patch_size=14, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+        return tf.Qwen2_5_VLConfig(text_config=shape.text, vision_config=vision, **ids)
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,  # 16-px patches
+                  patch_size=16, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+    return tf.Qwen3VLConfig(text_config=shape.text, vision_config=vision, **ids)
+
+
 @dataclass(frozen=True)
 class ReferenceShape:
     name: str
@@ -83,7 +107,10 @@ class ReferenceShape:
         return CONFIGS[self.family](self)
 
 
-CONFIGS = {"llava": _llava_config, "internvl": _internvl_config, "smolvlm": _smolvlm_config}
+CONFIGS = {
+    "llava": _llava_config, "internvl": _internvl_config, "smolvlm": _smolvlm_config,
+    "qwen2_5_vl": _qwen_vl_config, "qwen3_vl": _qwen_vl_config,
+}
 
 
 REFERENCE_SHAPES = {
@@ -105,6 +132,14 @@ REFERENCE_SHAPES = {
         ReferenceShape(  # a square picture resized to 1536 px: 4x4 sub-images of 384 px + the global view
             "smolvlm-2b", "SmolVLM-Instruct (2.2B): SmolLM2-1.7B + SigLIP-so400m, 4x4 sub-images + global x 81 = 1377",
             17 * 81, 64, text=SMOLLM2_1B7, family="smolvlm",
+        ),
+        ReferenceShape(  # e.g. a 896 x 896 picture: (896 / 28) ** 2 tokens
+            "qwen2.5-vl-7b", "Qwen2.5-VL-7B: Qwen2.5-7B + 675M ViT, dynamic resolution, 1024 image tokens (896 x 896 px)",
+            1024, 64, text=QWEN25_VL_7B_TEXT, family="qwen2_5_vl",
+        ),
+        ReferenceShape(  # 32 x 32 px per token: 1024 px square
+            "qwen3-vl-8b", "Qwen3-VL-8B: Qwen3-8B + SigLIP2-so400m, dynamic resolution, 1024 image tokens (1024 x 1024 px)",
+            1024, 64, text=QWEN3_VL_8B_TEXT, family="qwen3_vl",
         ),
     )
 }

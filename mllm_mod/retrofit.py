@@ -144,6 +144,11 @@ def retrofit(
     elif arank_dense is not None or arank_threshold is not None:
         raise ValueError("arank_dense / arank_threshold need an ARank report (arank=...)")
     config = as_config(config, **overrides)
+    if config.positions == "renumber" and adapter.renumber_refused:
+        raise ValueError(
+            f"{adapter.name}: positions='renumber' is not supported ({adapter.renumber_refused}); "
+            "pass positions='original' (kept tokens keep their own positions)"
+        )
     text = adapter.text_config(model.config)
     chosen = mod_layers(config, len(layers))
     implementation = text._attn_implementation
@@ -341,7 +346,7 @@ def _routing_hook(adapter: Adapter, model: nn.Module):
             return None
         bound = signature.bind_partial(*args, **kwargs).arguments
         ctx = adapter.routing_context(
-            module, bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask")
+            module, bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask"), inputs=bound
         )
         if module.training and module.mod_state.config.routing_loss_weight > 0:
             ctx.records = []

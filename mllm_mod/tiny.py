@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from transformers import PreTrainedTokenizerFast
 
-FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "idefics3", "smolvlm")
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # dynamic-resolution families with M-RoPE
+FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "idefics3", "smolvlm", *QWEN_VL)
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>")
 BASE_WORDS = (
     "USER : ASSISTANT SYSTEM what is the a an of in on at to and or yes no color shape how many left right "
@@ -46,6 +47,7 @@ IDEFICS3_SPECIALS = {
     "global_image_token": "<global-img>",
     "end_of_utterance_token": "<end_of_utterance>",
 }
+QWEN_VL_SPECIALS = {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
 IDEFICS3_TAGS = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
 
 
@@ -137,6 +139,8 @@ def tiny_model(
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if family in QWEN_VL:
+        return qwen_vl_model(family, num_layers, attn, words, seed, patch_size or 4, device, **text_overrides)
     if family in TILED:
         return tiled_model(family, num_layers, attn, words, seed, image_size or 24, patch_size or 4, device, decoder, **text_overrides)
     image_size = image_size or (24 if family == "llava_next_video" else 30)
@@ -296,3 +300,60 @@ def tiled_model(
         return instantiate(tf.SmolVLMForConditionalGeneration, config, processor, attn, seed, device)
     processor = tf.Idefics3Processor(image_processor=tf.Idefics3ImageProcessor(do_image_splitting=True, **sizes), **parts)
     return instantiate(tf.Idefics3ForConditionalGeneration, config, processor, attn, seed, device)
+
+
+def qwen_vl_model(
+    family: str, num_layers: int, attn: str, words: Iterable[str], seed: int, patch_size: int, device: str | torch.device, **text_overrides
+):
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic resolution, so an image of h x w px (resized to multiples of
+    ``2 * patch_size``) becomes ``(h / patch_size) * (w / patch_size) / 4`` ``<image>`` placeholders (2 x 2
+    patches merged), between ``<|vision_start|>`` and ``<|vision_end|>``; a video of f frames ``f / 2``
+    temporal patches of as many. M-RoPE sections sum to head_dim / 2 (head_dim 8: [2, 1, 1]); the prompts'
+    vision markers are written by the caller (the tiny chat template wraps them around the placeholder)."""
+    import transformers as tf
+
+    tokenizer = build_tokenizer(words, QWEN_VL_SPECIALS)
+    tokenizer.chat_template = chat_template(
+        image="<|vision_start|><image><|vision_end|>", video="<|vision_start|><video><|vision_end|>"
+    )
+    head_dim = 8
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    vision = dict(depth=2, num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=32)
+        config_cls, model_cls, processor_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor
+    elif family == "qwen2_5_vl":  # window attention over 2 x 2 merged units, the second block full attention
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=4 * patch_size, fullatt_block_indexes=[1])
+        config_cls, model_cls, processor_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor
+    else:  # Qwen3-VL: interleaved M-RoPE, DeepStack features from both vision blocks into decoder layers 0 and 1
+        text.update(head_dim=head_dim)
+        rope = {**rope, "mrope_interleaved": True}
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        config_cls, model_cls, processor_cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor
+    text.update(rope_parameters=rope, **text_overrides)
+    config = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    sizes = dict(
+        size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": (32 * patch_size) ** 2},
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+    if family == "qwen3_vl":
+        video_processor = tf.Qwen3VLVideoProcessor(**sizes)
+    else:  # every frame at its own size, as the processor has done so far (and without its warning)
+        video_processor = tf.Qwen2VLVideoProcessor(cap_pixels_per_frame=False, **sizes)
+    processor = processor_cls(
+        image_processor=tf.Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer, video_processor=video_processor,
+        chat_template=tokenizer.chat_template,
+    )
+    return instantiate(model_cls, config, processor, attn, seed, device)

@@ -60,3 +60,35 @@ def assert_batch_equals_single(model, batch: dict, alone: list[dict], new_tokens
         one_tokens, one_logits = generate_logits(model, one, new_tokens, **kwargs)
         assert_logits_close(logits[i : i + 1], one_logits, f"{check}")
         assert torch.equal(tokens[i, -new_tokens:], one_tokens[0, -new_tokens:]), f"{check}: sample {i} tokens differ"
+
+
+def assert_prompt_equals_single(model, batch: dict, alone: list[dict], check: str) -> None:
+    """Every real prompt position of each row of a left-padded batch has the logits of the sample alone."""
+    with torch.no_grad():
+        logits = model(**batch).logits  # [B, T, V]
+        for i, one in enumerate(alone):
+            assert_logits_close(logits[i, batch["attention_mask"][i].bool()], model(**one).logits[0], check)
+
+
+def assert_ratio_one_equals_dense(model, inputs: dict, check: str, new_tokens: int = 4) -> None:
+    """Retrofit `model` (a stock model) with every layer MoD at ratio 1: its prompt logits, every layer's
+    full-length hidden states (invariant 7) and its generation logits equal the dense model's."""
+    import mllm_mod
+
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        dense = model(**inputs, output_hidden_states=True)
+    dense_tokens, dense_logits = generate_logits(model, inputs, new_tokens)
+    mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=1.0)
+    layers = mllm_mod.adapter_for(model).layers(model)
+    assert all(isinstance(layer, mllm_mod.MoDLayer) for layer in layers)
+    with torch.no_grad():
+        mod = model(**inputs, output_hidden_states=True)
+    assert_logits_close(mod.logits[real], dense.logits[real], check)
+    assert len(mod.hidden_states) == len(dense.hidden_states) == len(layers) + 1  # full length, every layer
+    for h_mod, h_dense in zip(mod.hidden_states, dense.hidden_states):
+        assert h_mod.shape == h_dense.shape
+        torch.testing.assert_close(h_mod[real], h_dense[real], atol=1e-5, rtol=1e-5)
+    mod_tokens, mod_logits = generate_logits(model, inputs, new_tokens)
+    assert_logits_close(mod_logits, dense_logits, f"{check}, generation")
+    assert torch.equal(mod_tokens, dense_tokens)

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_routers
-from logits import assert_batch_equals_single, assert_cached_equals_uncached, assert_logits_close, generate_logits
+from logits import (
+    assert_batch_equals_single,
+    assert_cached_equals_uncached,
+    assert_prompt_equals_single,
+    assert_ratio_one_equals_dense,
+)
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -85,23 +90,7 @@ def test_tiny_model_is_the_real_class_with_tiles(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ratio_one_equals_dense(family, attn):
     model, processor = tiny_model(family, attn=attn)
-    inputs = family_inputs(processor, family)
-    real = inputs["attention_mask"].bool()
-    with torch.no_grad():
-        dense = model(**inputs, output_hidden_states=True)
-    dense_tokens, dense_logits = generate_logits(model, inputs, 4)
-    mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=1.0)
-    assert all(isinstance(layer, mllm_mod.MoDLayer) for layer in mllm_mod.adapter_for(model).layers(model))
-    with torch.no_grad():
-        mod = model(**inputs, output_hidden_states=True)
-    assert_logits_close(mod.logits[real], dense.logits[real], f"ratio 1 == dense ({family}, {attn})")
-    assert len(mod.hidden_states) == len(dense.hidden_states) == 5  # invariant 7: full length, every layer
-    for h_mod, h_dense in zip(mod.hidden_states, dense.hidden_states):
-        assert h_mod.shape == h_dense.shape
-        torch.testing.assert_close(h_mod[real], h_dense[real], atol=1e-5, rtol=1e-5)
-    mod_tokens, mod_logits = generate_logits(model, inputs, 4)
-    assert_logits_close(mod_logits, dense_logits, f"ratio 1 == dense, generation ({family}, {attn})")
-    assert torch.equal(mod_tokens, dense_tokens)
+    assert_ratio_one_equals_dense(model, family_inputs(processor, family), f"ratio 1 == dense ({family}, {attn})")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -117,10 +106,7 @@ def test_batch_equals_one_by_one(family):
     batch, singles = family_inputs(processor, family), alone(processor, family)
     check = f"left-padded batch == alone (pmod, {family})"
     assert_batch_equals_single(model, batch, singles, 5, check)
-    with torch.no_grad():  # every real prompt position too
-        batch_logits = model(**batch).logits  # [B, T, V]
-        for i, one in enumerate(singles):
-            assert_logits_close(batch_logits[i, batch["attention_mask"][i].bool()], model(**one).logits[0], check)
+    assert_prompt_equals_single(model, batch, singles, check)  # every real prompt position too
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -227,13 +213,14 @@ def test_profile_config_only_reference_shapes(capsys):
 
 
 def test_unsupported_family_is_refused_listing_the_supported_ones():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    text = dict(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
-    config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2))
+    text = dict(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
-    with pytest.raises(ValueError, match=r"'qwen2_vl' is not supported; supported families: Idefics3 / SmolVLM \(idefics3/smolvlm\), InternVL \(internvl\), LLaVA-1.5"):
+        model = Gemma3ForConditionalGeneration(config)
+    with pytest.raises(ValueError, match=r"'gemma3' is not supported; supported families: Idefics3 / SmolVLM \(idefics3/smolvlm\), InternVL \(internvl\), LLaVA-1.5.*Qwen2-VL / Qwen2.5-VL \(qwen2_vl/qwen2_5_vl\), Qwen3-VL \(qwen3_vl\)"):
         mllm_mod.retrofit(model, "pmod")
 
 
