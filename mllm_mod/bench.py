@@ -355,7 +355,10 @@ def left_padded(ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor
 
 def ops_row(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, phase: str) -> dict[str, Any]:
     """Ops of one whole-model forward, dense and MoD: ``"prefill"`` of `ids`, or ``"decode"`` (one greedy
-    step after the prefill and one warm-up step, as `generate` calls it: explicit position ids, the cache)."""
+    step after the prefill and one warm-up step, as `generate` calls it: explicit position ids, the cache),
+    or ``"decode_static"`` (the same with a static cache: transformers' `StaticCache` for the dense model,
+    `static_mod_cache` for MoD; the 2-D padding mask is passed, so the model builds its 4-D mask itself)."""
+    from .cache import static_mod_cache
     from .compat import CACHE_KWARG
     from .retrofit import mod_layer_map
 
@@ -365,7 +368,8 @@ def ops_row(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, phase: str)
             if phase == "prefill":
                 counts = count_ops(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1))
             else:
-                out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                given = {CACHE_KWARG: static_mod_cache(model, ids.shape[1], 4)} if phase == "decode_static" else {}
+                out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **given)
                 cache, step_mask, token = output_cache(out), mask, out.logits[:, -1:].argmax(-1)  # [B, 1]
                 for step in range(2):  # a warm-up step, then the counted one
                     step_mask = torch.cat([step_mask, torch.ones_like(token)], dim=1)  # [B, S + 1]
@@ -383,7 +387,8 @@ def ops_row(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, phase: str)
 
 def bench_ops(model: nn.Module, options: BenchOptions, n_vision: int, results: BenchResults) -> None:
     """Whole-model op counts, dense vs MoD, prefill at each prefill batch (without padding, and left-padded)
-    and one decoding step at each decode batch (left-padded); the difference per MoD layer."""
+    and one decoding step at each decode batch (left-padded), with the dynamic and with the static cache; the
+    difference per MoD layer."""
     pad = max(1, options.n_text // 8)
     for b in options.prefill_batches:
         ids = placeholder_batch(model, b, n_vision, options.n_text)
@@ -392,6 +397,7 @@ def bench_ops(model: nn.Module, options: BenchOptions, n_vision: int, results: B
     for b in options.decode_batches:
         ids = placeholder_batch(model, b, n_vision, options.n_text)
         results.ops.append(ops_row(model, *left_padded(ids, pad), "decode"))
+        results.ops.append(ops_row(model, *left_padded(ids, pad), "decode_static"))
 
 
 def run_benchmark(options: BenchOptions, progress: bool = True) -> BenchResults:
@@ -476,7 +482,7 @@ def ops_markdown(results: BenchResults) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in results.ops:
-        what = "prefill" if r["phase"] == "prefill" else "one decode step"
+        what = {"prefill": "prefill", "decode": "one decode step", "decode_static": "one decode step, static cache"}[r["phase"]]
         padded = ", left-padded" if r["padded"] else ", no padding"
         added = Counter(r["mod_by_op"])
         added.subtract(r["dense_by_op"])

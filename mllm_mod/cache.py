@@ -5,6 +5,11 @@ HF's `Cache` holds one layer object per decoder layer. A MoD layer swaps its own
 token's original sequence index and whether it is a real token. `get_seq_length()` stays the length
 of the *full* sequence, so generation positions and the masks HF builds for dense layers are those
 of the full sequence, while the MoD layer attends only its own shorter cache.
+
+A static cache (``generate(..., cache_implementation="static")``, transformers' `StaticCache`, or
+`static_mod_cache`) gets a `StaticMoDCacheLayer` in each MoD slot instead: the compact cache with a
+capacity fixed at the prefill (the prompt's kept entries + the decoding budget), so that every decoding
+step has the same shapes (torch.compile without recompiles, CUDA graphs).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from .compat import DynamicLayer
+from .compat import DynamicLayer, StaticLayer
 
 
 class MoDCacheLayer(DynamicLayer):
@@ -135,6 +140,190 @@ class MoDCacheLayer(DynamicLayer):
         self._run = self._entries = self.seen = 0
 
 
+class StaticMoDCacheLayer(MoDCacheLayer):
+    """A MoD layer's compact cache with a fixed capacity, so that decoding runs with fixed shapes.
+
+    Sized once, at the prefill (one chunk: the prompt): capacity ``C = Tk + budget``, where Tk is the
+    prefill's kept length (the longest row after routing) and the budget is `max_new_tokens`, or, when
+    that is None, what the full-sequence static length leaves after the prompt (``max_cache_len - T``:
+    the dense layers' `StaticLayer` size that generate picks from the prompt and ``max_new_tokens``).
+    K/V are [B, H, C, hd], allocated once and written in place; `valid` [B, C] is the attendable mask, its
+    unfilled tail False, so a decoding step attends all C slots with the tail masked. A step writes slot
+    `cursor` (a 0-dim tensor on the device): its validity, then its K/V (`update`), then moves the cursor;
+    nothing on the host changes, so a compiled step never sees a new constant.
+
+    Decoding slots hold one token each in order, so their `index` (T + j) and `filled` (written or not)
+    follow from the cursor and are made only when read; `index` / `filled` / `valid` are read-only here
+    (rewriting entries, as `streaming.budget` evicts them, needs the dynamic cache). Not supported: a chunk
+    of more than one token after the prefill (chunked prefill, speculative decoding), and decoding steps
+    that skip the layer (``decode_skip``).
+    """
+
+    is_compileable = True
+
+    def __init__(self, max_cache_len: int, max_new_tokens: int | None = None) -> None:
+        self.allocated = False  # set before the base initialiser assigns `seen`
+        self._host_seen = 0
+        super().__init__()
+        self.max_cache_len = max_cache_len  # the full sequence's static length (what HF sizes its masks by)
+        self.max_new_tokens = max_new_tokens
+        self.capacity = 0  # C, set at the prefill
+        self._prompt, self._prompt_kept = 0, 0  # T and Tk of the prefill
+        self.cursor = torch.zeros((), dtype=torch.long)  # entries written (a device tensor once allocated)
+        self._valid_buf: torch.Tensor | None = None  # [B, C] attendable
+        self._prompt_index: torch.Tensor | None = None  # [B, Tk] original index of the prefill's entries
+        self._prompt_filled: torch.Tensor | None = None  # [B, Tk]
+
+    @property
+    def seen(self) -> int:  # type: ignore[override]
+        """Tokens of the full sequence shown so far (a host read of the cursor once decoding started)."""
+        if not self.allocated:
+            return self._host_seen
+        return self._prompt + int(self.cursor) - self._prompt_kept
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        if self.allocated:
+            raise AttributeError("a static MoD cache layer's length follows its cursor")
+        self._host_seen = value
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        """The full sequence's length: a tensor once allocated (as transformers' `StaticLayer`), no host sync."""
+        return self.cursor + (self._prompt - self._prompt_kept) if self.allocated else 0
+
+    def get_mask_sizes(self, query_length: int, *args: object, **kwargs: object) -> tuple[int, int]:
+        """What HF's mask builders size the dense layers' masks by when this is the reference layer."""
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def kept_length(self) -> int:
+        return int(self.cursor) if self.allocated else 0
+
+    def record(self, num_tokens: int, kept: int, batch: int, device: torch.device, **entries: torch.Tensor | None) -> None:
+        """The prefill (`entries`: `MoDCacheLayer.record`'s index / filled / valid): the dynamic bookkeeping,
+        then the fixed-size buffers. A decoding step (one token, kept; ``valid`` [B, 1], or None: a real
+        token): its validity written at the cursor."""
+        if self.allocated:
+            valid = entries.pop("valid", None)
+            if num_tokens != 1 or kept != 1 or any(v is not None for v in entries.values()):
+                raise NotImplementedError(
+                    "a static MoD cache takes one prefill chunk, then one kept token per step; use the default "
+                    "dynamic cache for chunked prefill or decoding steps that skip MoD layers"
+                )
+            slot = self.cursor.view(1)
+            if valid is None:
+                self._valid_buf.index_fill_(1, slot, True)
+            else:
+                self._valid_buf.index_copy_(1, slot, valid)
+            return
+        if self._host_seen:
+            raise NotImplementedError("a static MoD cache takes the prompt as one prefill chunk")
+        super().record(num_tokens, kept, batch, device, **entries)
+        budget = self.max_new_tokens if self.max_new_tokens is not None else self.max_cache_len - num_tokens
+        if budget < 0:
+            raise ValueError(f"a {num_tokens}-token prompt does not fit a static cache of {self.max_cache_len} tokens")
+        self.capacity, self._prompt, self._prompt_kept = kept + budget, num_tokens, kept
+        valid_buf = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)  # [B, C]
+        valid_buf[:, :kept] = MoDCacheLayer.valid.fget(self)
+        self._prompt_index = MoDCacheLayer.index.fget(self)  # [B, Tk]
+        self._prompt_filled = MoDCacheLayer.filled.fget(self)  # [B, Tk]
+        self._valid_buf = valid_buf
+        self.cursor = torch.tensor(kept, dtype=torch.long, device=device)
+        _mark_static(self._valid_buf, self.cursor)
+        self.allocated = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill ([B, H, Tk, hd]): allocate [B, H, C, hd], store, and return the chunk itself (its
+        attention is over its own kept tokens). A step: write slot `cursor`, return all C slots."""
+        if not self.allocated:
+            raise RuntimeError("record() must book the entries before the attention stores them")
+        if self.keys is None or self.keys.shape[-2] != self.capacity:  # not yet stored (or lazily made empty)
+            batch, heads, kept, _ = key_states.shape
+            if kept != self._prompt_kept:
+                raise RuntimeError(f"the prefill stores {kept} entries, its bookkeeping booked {self._prompt_kept}")
+            self.device = key_states.device
+            self.keys = key_states.new_zeros(batch, heads, self.capacity, key_states.shape[-1])
+            self.values = value_states.new_zeros(batch, value_states.shape[1], self.capacity, value_states.shape[-1])
+            self.keys[:, :, :kept] = key_states
+            self.values[:, :, :kept] = value_states
+            self.is_initialized = True
+            _mark_static(self.keys, self.values)
+            return key_states, value_states
+        slot = self.cursor.view(1)
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        self.cursor.add_(1)
+        return self.keys, self.values
+
+    def key_valid(self) -> torch.Tensor | None:
+        return self._valid_buf if self.allocated else super().key_valid()
+
+    @property
+    def index(self) -> torch.Tensor | None:  # type: ignore[override]
+        if not self.allocated:
+            return MoDCacheLayer.index.fget(self)
+        decode = torch.arange(self._prompt, self._prompt + self.capacity - self._prompt_kept, device=self.cursor.device)
+        return torch.cat([self._prompt_index, decode.expand(self._batch, -1)], dim=1)  # [B, C]
+
+    @property
+    def filled(self) -> torch.Tensor | None:  # type: ignore[override]
+        if not self.allocated:
+            return MoDCacheLayer.filled.fget(self)
+        written = torch.arange(self._prompt_kept, self.capacity, device=self.cursor.device) < self.cursor  # [C - Tk]
+        return torch.cat([self._prompt_filled, written.expand(self._batch, -1)], dim=1)  # [B, C]
+
+    @property
+    def valid(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self._valid_buf if self.allocated else MoDCacheLayer.valid.fget(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.allocated:
+            return
+        beam_idx = beam_idx.to(self.cursor.device)
+        for buf in (self.keys, self.values, self._valid_buf):  # in place: the addresses stay static
+            if buf is not None:
+                buf.copy_(buf.index_select(0, beam_idx))
+        self._prompt_index = self._prompt_index.index_select(0, beam_idx)
+        self._prompt_filled = self._prompt_filled.index_select(0, beam_idx)
+
+    def reset(self) -> None:
+        """Back to empty and unallocated: the next prompt sizes the buffers again."""
+        self.allocated = False
+        self.keys = self.values = self._valid_buf = self._prompt_index = self._prompt_filled = None
+        self.is_initialized = False
+        self.capacity = self._prompt = self._prompt_kept = 0
+        self.cursor = torch.zeros((), dtype=torch.long)
+        super().reset()
+
+
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tell dynamo these buffers keep their address (mutated in place), as transformers' `StaticLayer` does,
+    so CUDA graphs can be replayed over them; not while tracing."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
+def static_mod_cache(model: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> Cache:
+    """A transformers `StaticCache` for `model` with a `StaticMoDCacheLayer` in every MoD layer's slot, for
+    a prompt of `prompt_length` tokens (padding included) and up to `max_new_tokens` generated ones.
+
+    Pass it to ``generate`` as the cache (``cache=`` / ``past_key_values=``), one cache per generate call.
+    ``generate(..., cache_implementation="static")`` builds the same thing by itself (MoD layers convert
+    their slots of the `StaticCache` it makes); this function is for driving decoding by hand."""
+    from transformers import StaticCache
+
+    from .retrofit import mod_layer_map
+
+    max_cache_len = prompt_length + max_new_tokens
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
+    for idx in mod_layer_map(model):
+        cache.layers[idx] = StaticMoDCacheLayer(max_cache_len, max_new_tokens)
+    return cache
+
+
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if old is None else torch.cat([old, new], dim=1)
 
@@ -149,6 +338,15 @@ def mod_cache_layer(cache: Cache, layer_idx: int) -> MoDCacheLayer:
     layer = layers[layer_idx]
     if isinstance(layer, MoDCacheLayer):
         return layer
+    if isinstance(layer, StaticLayer):  # a static cache: the compact cache with a capacity fixed at the prefill
+        if layer.is_initialized and layer.get_seq_length() != 0:
+            raise ValueError(f"static cache slot {layer_idx} already holds dense entries; a MoD layer must start from an empty cache")
+        if getattr(layer, "is_sliding", False):
+            raise NotImplementedError(
+                f"MoD layer {layer_idx}: a static sliding-window cache layer is not supported; use the dynamic cache"
+            )
+        layers[layer_idx] = StaticMoDCacheLayer(layer.max_cache_len)
+        return layers[layer_idx]
     if not isinstance(layer, DynamicLayer):
         raise TypeError(
             f"MoD layer {layer_idx} needs a dynamic cache layer, got {type(layer).__name__}; "
@@ -169,9 +367,8 @@ def kv_entries(cache: Cache) -> list[torch.Tensor]:
     for layer in cache.layers:
         if isinstance(layer, MoDCacheLayer):
             out.append(layer.filled.sum(dim=1).cpu())
-        else:
-            keys = layer.keys
-            out.append(torch.full((keys.shape[0],), keys.shape[-2], dtype=torch.long))
+        else:  # a dense layer: every token (a static layer's entries, not its allocated length)
+            out.append(torch.full((layer.keys.shape[0],), int(layer.get_seq_length()), dtype=torch.long))
     return out
 
 

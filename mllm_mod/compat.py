@@ -19,7 +19,12 @@ Conventions that are the same across the range, named here so a change has one h
   (``(cos, sin)``, each [B or 1, T, head_dim]) and the cache; its attention takes the same keywords;
 - the rotary embedding is called as ``rotary(x, position_ids)`` and returns ``(cos, sin)``;
 - a cache is a `Cache` with one layer object per decoder layer in ``cache.layers``; ``DynamicLayer`` grows
-  by concatenation and is the class a MoD layer's compact cache layer replaces.
+  by concatenation and is the class a MoD layer's compact cache layer replaces; ``StaticLayer`` (of
+  ``StaticCache``, ``cache_implementation="static"``) has ``max_cache_len`` and is replaced by the static
+  compact cache layer. With a static cache, generate passes each forward a 4-D mask [B, 1, T, max_cache_len]
+  (``create_masks_for_generate``) instead of the 2-D padding mask;
+- generate compiles its decoding steps on any device when ``CompileConfig._compile_all_devices`` is set
+  (transformers' own switch for tests; otherwise only on accelerators).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 from transformers.cache_utils import DynamicLayer  # noqa: F401  (the cache layer class MoD extends; cache.py and streaming/budget.py import it from here)
+from transformers.cache_utils import StaticLayer  # noqa: F401  (the static slot a MoD layer's static compact cache replaces)
+from transformers.generation import CompileConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 try:  # 5.24 (not in 5.17)
@@ -83,6 +90,15 @@ def output_cache(output: Any) -> Any:
 def output_fields(cache: Any) -> dict[str, Any]:
     """``{field: cache}`` to build a model output class of this release."""
     return {CACHE_KWARG: cache}
+
+
+def decode_compile_config(all_devices: bool = False, **options: Any) -> CompileConfig:
+    """A `CompileConfig` for ``generate(..., compile_config=...)``: `options` as `torch.compile` takes them;
+    `all_devices` also compiles on the CPU (generate otherwise compiles only on accelerators)."""
+    config = CompileConfig(**options)
+    if all_devices:
+        config._compile_all_devices = True
+    return config
 
 
 # -- configs ---------------------------------------------------------------------------------------------

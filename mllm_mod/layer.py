@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import compat
-from .cache import MoDCacheLayer, mod_cache_layer
+from .cache import MoDCacheLayer, StaticMoDCacheLayer, mod_cache_layer
 from .config import MoDConfig
 from .masks import EAGER_LIKE, FLASH_LIKE, allowed_pairs, backend_mask, causal_in_order, check_window
 from .router import Router, build_router, token_weights
@@ -67,7 +67,8 @@ class RoutingContext:
     candidates [B, T]: vision tokens of the current chunk (the adapter's answer; the config's
         ``candidates`` rule may widen it).
     groups [B, T]: group id per token for per-group selection (video frames), -1 outside groups.
-    attention_mask [B, S]: the 2-D padding mask of past + current tokens (1 = real), or None.
+    attention_mask [B, S]: the 2-D padding mask of past + current tokens (1 = real), or None; or the 4-D
+        mask [B, 1, T, S] generate passes with a static cache (`chunk_tokens` reads the chunk's padding from it).
     stats: when a list, each MoD layer appends its `LayerStats` (used by `efficiency`).
     records: when a list, each MoD layer appends its `RouterRecord` (used by the routing loss).
     """
@@ -90,7 +91,7 @@ class RoutingContext:
         """[B, T] bool: real (non-padding) tokens of the current chunk; None when no mask was given."""
         if self.attention_mask is None:
             return None
-        return self.shared(("tokens", length, device), lambda: self.attention_mask[:, -length:].to(device=device, dtype=torch.bool))
+        return self.shared(("tokens", length, device), lambda: chunk_tokens(self.attention_mask, length, device))
 
     def vision(self, token_mask: torch.Tensor | None) -> torch.Tensor | None:
         """[B, T] bool: candidate (vision) tokens of the chunk that are real tokens; None without candidates."""
@@ -207,10 +208,13 @@ class MoDLayer(nn.Module):
         self.ratio = ratio
         self.mod_config = config
         self.gradient_checkpointing = False  # set by HF's gradient_checkpointing_enable
+        self._cache_kwarg: str | None = None  # the wrapped attention's name for its cache keyword
 
     def _cache_kwargs(self, cache: Any) -> dict[str, Any]:
         """The cache keyword of the wrapped attention (its own name for it in this transformers release)."""
-        return compat.cache_kwargs(cache, self.base_layer.self_attn)
+        if self._cache_kwarg is None:  # looked up once (a signature read; a compiled step would trace it)
+            self._cache_kwarg = compat.cache_kwarg(self.base_layer.self_attn)
+        return {self._cache_kwarg: cache}
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, ratio={self.ratio:.6f}, weighting={self.mod_config.weighting!r}"
@@ -315,6 +319,8 @@ class MoDLayer(nn.Module):
         if checkpointing:
             past_key_values = None  # as the stock layers do: no cache under gradient checkpointing
         cache_layer = mod_cache_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+        if isinstance(cache_layer, StaticMoDCacheLayer) and cache_layer.allocated:  # decoding with fixed shapes
+            return self._static_step(x, position_ids, position_embeddings, mod_routing, cache_layer, past_key_values, kwargs)
         past = cache_layer.seen if cache_layer is not None else 0
         ctx = mod_routing
         if ctx is None:
@@ -362,6 +368,42 @@ class MoDLayer(nn.Module):
             stats = LayerStats(self.layer_idx, _count(token_mask, batch, length), n_cand, _count(q_valid, batch, kept_len))
             ctx.stats.append(stats)
         self._run_base_hooks(hidden_states, out)
+        return out
+
+    def _static_step(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        ctx: RoutingContext | None,
+        cache_layer: StaticMoDCacheLayer,
+        cache: Any,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """A decoding step against a static compact cache: the stock block on the new token, attending all C
+        slots of the layer's cache with its validity mask (the unfilled tail masked). Fixed shapes, no host
+        sync, no Python state that changes from step to step (what torch.compile guards on)."""
+        batch, length = x.shape[:2]
+        if length != 1 or self.mod_config.decode_skip:
+            raise NotImplementedError(
+                f"MoD layer {self.layer_idx}: a static MoD cache decodes one token per step, never routed "
+                f"(got {length} tokens, decode_skip={self.mod_config.decode_skip}); use the default dynamic cache"
+            )
+        token_mask = ctx.token_mask(1, x.device) if ctx is not None else None  # [B, 1], or None: a real token
+        cache_layer.record(1, 1, batch, x.device, valid=token_mask)
+        k_valid = cache_layer.key_valid()  # [B, C], this token's slot included
+        implementation = self.base_layer.self_attn.config._attn_implementation
+        mask = backend_mask(k_valid[:, None, :], k_valid, implementation, x.dtype)  # allowed [B, 1, C]
+        if self.mod_config.positions == "renumber":  # the valid entries before this one
+            cos, sin = self.rotary(x, (k_valid.sum(dim=1, keepdim=True) - 1).clamp(min=0))  # [B, 1, hd]
+        else:
+            cos, sin = position_embeddings
+        h, m = self.block(x, mask, cos, sin, position_ids, cache, **kwargs)
+        out = h + m  # [B, 1, D]
+        if ctx is not None and ctx.stats is not None:
+            real = _count(token_mask, batch, length)
+            ctx.stats.append(LayerStats(self.layer_idx, real, torch.zeros(batch, dtype=torch.long), real))
+        self._run_base_hooks(x, out)
         return out
 
     def route(
@@ -455,8 +497,10 @@ class MoDLayer(nn.Module):
         if window is not None and past + length <= window:
             window = None  # no key is ever farther than the window
         device, kept_len = x.device, length if route is None else route.length
-        if past == 0 and route is None:
-            return stock_mask  # every token and nothing cached: the stock layer's own mask is the right one
+        if past == 0 and route is None:  # every token and nothing cached: the stock layer's own mask is the right one
+            if isinstance(stock_mask, torch.Tensor) and stock_mask.dim() == 4 and stock_mask.shape[-1] > length:
+                return stock_mask[..., :length]  # a static cache's mask spans its whole length; the keys are the chunk's
+            return stock_mask
         if past == 0 and window is None:  # kept tokens in original order, nothing cached before them
             if q_valid is None:
                 if implementation in EAGER_LIKE:
@@ -502,6 +546,23 @@ class MoDLayer(nn.Module):
                 hook(base, (hidden_states,), {}, out)
             else:
                 hook(base, (hidden_states,), out)
+
+
+def chunk_tokens(mask: torch.Tensor, length: int, device: torch.device) -> torch.Tensor | None:
+    """[B, T] bool: the real (non-padding) tokens of the current chunk of `length` tokens, from the model's
+    attention mask: a 2-D padding mask [B, S] (its last T columns), or the 4-D mask [B, 1, T, S] (bool, or
+    additive float) generate passes with a static cache. In the 4-D mask the chunk's last query (a real
+    token: prompts are left-padded) attends every real key up to its own column, the last one it attends;
+    the chunk is the T columns ending there. A one-token chunk is taken as real (None: no padding)."""
+    if mask.dim() == 2:
+        return mask[:, -length:].to(device=device, dtype=torch.bool)
+    if length == 1:
+        return None
+    keys = mask[:, 0, -1]  # [B, S]: what the last query attends
+    keys = keys if keys.dtype == torch.bool else keys == 0
+    last = keys.shape[1] - 1 - keys.flip(1).to(torch.int8).argmax(dim=1)  # [B]: the last query's own column
+    columns = last[:, None] - (length - 1) + torch.arange(length, device=keys.device)  # [B, T]
+    return keys.gather(1, columns.clamp(min=0)).to(device)
 
 
 def _count(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:

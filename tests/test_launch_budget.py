@@ -16,6 +16,7 @@ from mllm_mod.bench import BenchOptions, BenchResults, bench_ops, build_model, c
 PREFILL_NO_PADDING = 20  # extra ops per MoD layer, batch 1, no padding
 PREFILL_LEFT_PADDED = 30  # batch 1 and batch 3, left-padded
 DECODE_STEP = 6  # one decode step, batch 3, left-padded
+STATIC_DECODE_STEP = 1  # one decode step with the static compact cache, against the dense model's StaticCache
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,12 @@ def test_a_decode_step_costs_about_what_a_dense_one_does(ops_rows):
     row = ops_rows[("decode", 3, True)]
     assert row["per_mod_layer"] <= DECODE_STEP, row["per_mod_layer"]
     # no host sync in a decoding step: `.item()` / `bool(t)` / `.cpu()` of a scalar read back
+    assert row["mod_by_op"].get("aten::_local_scalar_dense", 0) == row["dense_by_op"].get("aten::_local_scalar_dense", 0)
+
+
+def test_a_static_cache_decode_step_costs_what_the_dense_static_one_does(ops_rows):
+    row = ops_rows[("decode_static", 3, True)]
+    assert row["per_mod_layer"] <= STATIC_DECODE_STEP, row["per_mod_layer"]
     assert row["mod_by_op"].get("aten::_local_scalar_dense", 0) == row["dense_by_op"].get("aten::_local_scalar_dense", 0)
 
 
