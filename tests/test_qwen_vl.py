@@ -178,13 +178,19 @@ def test_videomod_keeps_per_frame_counts_on_a_left_padded_image_and_video_batch(
 
 
 def test_renumbered_positions_are_refused_and_gmod_runs_with_original_positions():
+    """gamma-MoD on Qwen2-VL: ARank calibration on the family, then the shared router with original positions."""
+    from mllm_mod.arank import arank
+
     model, processor = tiny_model("qwen2_vl", num_layers=4)
     with pytest.raises(ValueError, match=r"Qwen2-VL / Qwen2.5-VL: positions='renumber' is not supported \(M-RoPE"):
         mllm_mod.retrofit(model, "gmod")  # the gmod preset renumbers, as gamma-MoD's reference
     assert not hasattr(model, "mod_state")  # refused before anything changed
-    mllm_mod.retrofit(model, "gmod", positions="original", threshold=0.5, decode_threshold=0.5)
-    randomize_routers(model, scale=2.0)
     inputs = qwen_inputs(processor)
+    report = arank(model, [inputs], progress=False)
+    assert report.samples == 3 and len(report.layer_arank) == 4
+    mllm_mod.retrofit(model, "gmod", arank=report, positions="original", threshold=0.5, decode_threshold=0.5)
+    assert [i for i, r in enumerate(mllm_mod.layer_ratios(model)) if r == 1.0] == report.dense_layers()
+    randomize_routers(model, scale=2.0)
     assert efficiency(model, inputs).accounting_matches
     assert_cached_equals_uncached(model, inputs, 4, "cached == uncached (gmod, original positions, qwen2_vl)")
 
@@ -288,3 +294,36 @@ def test_profile_config_only_reference_shapes(name, layers, dense_layers, capsys
     assert f"{layers} layers, 1024 vision + 64 text tokens" in out
     assert f"| prefill TFLOPs / sample | {dense.tflops:.3f} | {mod.tflops:.3f} |" in out
     assert 0.5 < mod.kv_bytes / dense.kv_bytes < 0.6 and 0.5 < mod.tflops / dense.tflops < 0.6
+
+
+@pytest.mark.slow
+def test_train_cli_on_llava_json_through_the_qwen2_vl_processor(tmp_path):
+    """`mllm-mod train` on the synthetic LLaVA JSON through Qwen2-VL's own processor (``mm_token_type_ids``
+    and ``image_grid_thw`` collated with the ids), labels on the answer only, the vision tower frozen."""
+    from transformers import AutoProcessor
+
+    from mllm_mod.cli import main
+    from mllm_mod.data import IGNORE_INDEX, ConversationDataset, DataOptions
+    from mllm_mod.data.synth import generate, vocabulary
+
+    generate(tmp_path / "synth", 8, seed=0, only=["color", "count"], progress=False)
+    model, processor = tiny_model("qwen2_vl", num_layers=4, words=vocabulary())
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    processor = AutoProcessor.from_pretrained(tmp_path / "base")
+    data = ConversationDataset(tmp_path / "synth" / "train.json", processor, DataOptions(image_folder=str(tmp_path / "synth")))
+    item = data[0]
+    ids, labels = item["input_ids"], item["labels"]
+    tokens = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    answer = len(tokens) - tokens[::-1].index("ASSISTANT") + 1  # first token after the last "ASSISTANT :"
+    assert torch.equal(labels[answer:], ids[answer:]) and bool((labels[:answer] == IGNORE_INDEX).all())
+    assert int((ids == model.config.image_token_id).sum()) == int(item["image_grid_thw"].prod()) // 4
+    argv = ["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "synth" / "train.json"), "--image-folder",
+            str(tmp_path / "synth"), "--output-dir", str(tmp_path / "out"), "--preset", "pmod", "batch_size=4", "num_workers=0",
+            "max_steps=2", "gradient_checkpointing=false", "progress=false", "bf16=false", "freeze_vision_tower=true"]
+    assert main(argv) == 0
+    trained = mllm_mod.from_pretrained(tmp_path / "out")
+    assert trained.config.model_type == "qwen2_vl" and mllm_mod.layer_ratios(trained)[1] < 1.0
+    base = type(trained).from_pretrained(tmp_path / "base")
+    for (name, before), after in zip(base.model.visual.state_dict().items(), trained.model.visual.state_dict().values()):
+        assert torch.equal(before, after), name  # frozen
