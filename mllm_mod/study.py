@@ -52,20 +52,25 @@ BASE_SAVE_STEPS = 100  # the base run's checkpoint interval (what an interrupted
 
 @dataclass
 class StudySettings:
-    """Sizes of one study. The defaults are the full study (about 90 min on 2 CPU cores, 3 seeds);
-    `quick` is the smoke run. Counts of questions are per family."""
+    """Sizes of one study. The defaults are the full study (3 seeds, about 40-50 min on 2 CPU cores):
+    the `count` family only, the one family a base learned within the budget (on seed 0 of 2; the other
+    localised families stayed at chance: docs/FIDELITY.md, "Diagnosis"); `quick` is the smoke run over every
+    family. Counts of questions are per family."""
 
     n_train: int = 1200  # training questions per family
     n_test: int = 500  # held-out questions per family
     n_blank: int = 100  # held-out questions per family asked again on a blank picture
-    families: tuple[str, ...] | None = None  # None: every localised family
+    families: tuple[str, ...] | None = ("count",)  # None: every localised family (see docs/FIDELITY.md)
     data_seed: int = 0  # the data is the same for every seed; seeds change init, data order, routing
     seeds: int = 3
     num_layers: int = 4
     hidden_size: int = 64
-    base_epochs: float = 4.0
+    base_epochs: float = 8.0
     base_lr: float = 2e-3
-    extra_epochs: float = 0.5
+    base_batch_size: int | None = 8  # the base run's batch (None: `batch_size`, the arms' batch)
+    base_max_grad_norm: float = 1.0  # the base run's gradient clipping (0: unclipped)
+    init_range: float = 0.02  # the decoder's initializer_range (std of its random init)
+    extra_epochs: float = 1.5
     extra_lr: float = 1e-3
     router_lr: float = 1e-2
     warmup_ratio: float = 0.03
@@ -83,7 +88,7 @@ class StudySettings:
     @classmethod
     def quick(cls) -> StudySettings:
         """The smoke study: every arm, one seed, a few steps each (a few minutes on 2 cores)."""
-        return cls(n_train=48, n_test=16, n_blank=8, seeds=1, base_epochs=1.0, extra_epochs=0.5,
+        return cls(n_train=48, n_test=16, n_blank=8, seeds=1, families=None, base_epochs=1.0, extra_epochs=0.5,
                    eval_batch_size=40, efficiency_batches=1, picture_images=3, logging_steps=1)  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -94,6 +99,8 @@ class StudySettings:
             raise ValueError(f"unknown study arms {unknown}; choose from {ARMS}")
         if set(TRAINING_FREE_ARMS) & set(self.arms) and "dense" not in self.arms:
             raise ValueError(f"the training-free arms {TRAINING_FREE_ARMS} run on the dense arm's weights: keep 'dense'")
+        if self.base_batch_size is not None and self.base_batch_size <= 0:
+            raise ValueError(f"base_batch_size must be positive, got {self.base_batch_size}")
         for name in ("n_train", "n_test", "seeds", "batch_size", "num_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -472,7 +479,7 @@ class Study:
             return base_dir
         model, processor = tiny_model(
             "llava", num_layers=s.num_layers, words=meta["vocabulary"], seed=seed, image_size=96, patch_size=8,
-            hidden_size=s.hidden_size, intermediate_size=2 * s.hidden_size,
+            hidden_size=s.hidden_size, intermediate_size=2 * s.hidden_size, initializer_range=s.init_range,
         )  # fmt: skip
         model.save_pretrained(init_dir)
         processor.save_pretrained(init_dir)
@@ -486,7 +493,8 @@ class Study:
         s = self.settings
         return train_config(
             s, str(init_dir), str(self.data_dir / "train.json"), str(self.data_dir), str(base_dir), seed,
-            epochs=s.base_epochs, lr=s.base_lr, freeze_vision_tower=False, max_grad_norm=0.0,
+            epochs=s.base_epochs, lr=s.base_lr, freeze_vision_tower=False, max_grad_norm=s.base_max_grad_norm,
+            batch_size=s.base_batch_size or s.batch_size,
             save_steps=BASE_SAVE_STEPS, save_total_limit=1, resume=resume,
         )  # fmt: skip
 

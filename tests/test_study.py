@@ -124,6 +124,8 @@ def test_settings_are_checked_and_loaded_from_yaml(tmp_path):
         StudySettings(arms=("dense", "nope"))
     with pytest.raises(ValueError, match="dense"):
         StudySettings(arms=("pmod", "fastv"))
+    with pytest.raises(ValueError, match="base_batch_size"):
+        StudySettings(base_batch_size=0)
     path = tmp_path / "study.yaml"
     path.write_text("seeds: 2\nbase_epochs: 1.5\n")
     loaded = StudySettings.load(path, base=StudySettings.quick())
