@@ -54,6 +54,7 @@ def test_static_cache_equals_uncached_and_the_dynamic_cache(routed):
     cache = static_mod_cache(model, inputs["input_ids"].shape[1], NEW_TOKENS)
     by_hand, by_hand_logits = generate_logits(model, inputs, NEW_TOKENS, **{CACHE_KWARG: cache})
     assert_logits_close(by_hand_logits, dynamic_logits, "static_mod_cache == dynamic MoD cache")
+    assert torch.equal(by_hand, dynamic)
     assert all(isinstance(cache.layers[i], StaticMoDCacheLayer) for i in mod_layer_map(model))
 
 
