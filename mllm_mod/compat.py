@@ -17,7 +17,11 @@ What changed inside the supported range (5.17 .. 5.24):
 Conventions that are the same across the range, named here so a change has one home:
 - a decoder layer is called with keywords ``attention_mask``, ``position_ids``, ``position_embeddings``
   (``(cos, sin)``, each [B or 1, T, head_dim]) and the cache; its attention takes the same keywords;
-- the rotary embedding is called as ``rotary(x, position_ids)`` and returns ``(cos, sin)``;
+- the rotary embedding is called as ``rotary(x, position_ids)`` and returns ``(cos, sin)``; a decoder whose
+  layer types have their own RoPE (Gemma 3: local and global bases) takes ``rotary(x, position_ids, layer_type)``
+  and hands each layer the (cos, sin) of its type (`rotary_embeddings`);
+- a layer-type attention (Gemma 3) names its type in ``self_attn.layer_type`` and its window in
+  ``self_attn.sliding_window`` (None on global layers); Mistral-style ones read the window from the config;
 - a cache is a `Cache` with one layer object per decoder layer in ``cache.layers``; ``DynamicLayer`` grows
   by concatenation and is the class a MoD layer's compact cache layer replaces; ``StaticLayer`` (of
   ``StaticCache``, ``cache_implementation="static"``) has ``max_cache_len`` and is replaced by the static
@@ -77,6 +81,27 @@ def pop_cache(kwargs: dict[str, Any], legacy: Any = None) -> Any:
 def cache_kwargs(cache: Any, module: type | Any = LlamaDecoderLayer) -> dict[str, Any]:
     """``{name: cache}`` for calling `module` (or a model of this release) with a cache."""
     return {cache_kwarg(module): cache}
+
+
+@functools.cache
+def _takes_layer_type(forward: Any) -> bool:
+    return "layer_type" in inspect.signature(forward).parameters
+
+
+def rotary_embeddings(rotary: Any, x: Any, position_ids: Any, layer_type: str | None = None) -> tuple[Any, Any]:
+    """(cos, sin) of `position_ids` from the decoder's rotary embedding: ``rotary(x, position_ids)``, or, where
+    the rotary embedding keeps one RoPE per layer type (Gemma 3), the one of `layer_type`."""
+    if _takes_layer_type(type(rotary).forward):
+        if layer_type is None:
+            raise ValueError(f"{type(rotary).__name__} computes RoPE per layer type; the layer named none")
+        return rotary(x, position_ids, layer_type)
+    return rotary(x, position_ids)
+
+
+def attention_window(attention: Any) -> int | None:
+    """The sliding window of a stock attention module (None: global attention): its own ``sliding_window``
+    (Qwen2, Gemma 3: set per layer, None on global layers), else the config's (Mistral)."""
+    return getattr(attention, "sliding_window", getattr(attention.config, "sliding_window", None))
 
 
 def output_cache(output: Any) -> Any:

@@ -37,6 +37,9 @@ from .select import group_keep_count, keep_count, keep_count_host, kept_in_order
 logger = logging.getLogger(__name__)
 
 BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# sandwich norms (Gemma 2 / 3): the attention output is normed by `post_attention_layernorm` before the
+# residual add, the MLP branch reads `pre_feedforward_layernorm(h)` and is normed by `post_feedforward_layernorm`
+SANDWICH_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 @dataclass
@@ -67,6 +70,9 @@ class RoutingContext:
     candidates [B, T]: vision tokens of the current chunk (the adapter's answer; the config's
         ``candidates`` rule may widen it).
     groups [B, T]: group id per token for per-group selection (video frames), -1 outside groups.
+    blocks [B, T]: bidirectional attention block of each token of the chunk (Gemma 3: one per image, as the
+        stock model's mask from ``token_type_ids``), -1 outside; None where attention is causal only. A MoD
+        layer's mask lets kept tokens of one block attend each other both ways, by original index.
     attention_mask [B, S]: the 2-D padding mask of past + current tokens (1 = real), or None; or the 4-D
         mask [B, 1, T, S] generate passes with a static cache (`chunk_tokens` reads the chunk's padding from it).
     stats: when a list, each MoD layer appends its `LayerStats` (used by `efficiency`).
@@ -76,6 +82,7 @@ class RoutingContext:
     candidates: torch.Tensor | None
     groups: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
     stats: list[LayerStats] | None = field(default=None)
     records: list[RouterRecord] | None = field(default=None)
     _host: torch.Tensor | None = field(default=None, repr=False)
@@ -199,6 +206,9 @@ class MoDLayer(nn.Module):
         if config.positions == "renumber" and rotary is None:
             raise ValueError("positions='renumber' needs the decoder's rotary embedding")
         self.base_layer = base_layer
+        self.sandwich = all(hasattr(base_layer, name) for name in SANDWICH_PARTS)  # Gemma 2 / 3 norms
+        self.layer_type = getattr(base_layer.self_attn, "layer_type", None)  # per-type RoPE (Gemma 3)
+        self.window = compat.attention_window(base_layer.self_attn)  # None: global attention
         if shared_router is None:
             self.router = build_router(config, hidden_size, device=next(base_layer.parameters()).device)
         else:
@@ -286,7 +296,9 @@ class MoDLayer(nn.Module):
         cache: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``h = x + attn(norm1(x))`` and ``m = mlp(norm2(h))``, both [B, Tk, D]."""
+        """Returns ``h = x + attn(norm1(x))`` and ``m = mlp(norm2(h))``, both [B, Tk, D]; with sandwich norms
+        (Gemma 2 / 3) ``h = x + post_attn_norm(attn(norm1(x)))`` and ``m = post_ff_norm(mlp(pre_ff_norm(h)))``,
+        so ``h + m`` is the stock layer's output and the weighting rules scale the whole MLP branch."""
         base = self.base_layer
         attn, _ = base.self_attn(
             hidden_states=base.input_layernorm(x),
@@ -296,6 +308,9 @@ class MoDLayer(nn.Module):
             **self._cache_kwargs(cache),
             **kwargs,
         )
+        if self.sandwich:
+            h = x + base.post_attention_layernorm(attn)
+            return h, base.post_feedforward_layernorm(base.mlp(base.pre_feedforward_layernorm(h)))
         h = x + attn
         return h, base.mlp(base.post_attention_layernorm(h))
 
@@ -319,6 +334,11 @@ class MoDLayer(nn.Module):
         if checkpointing:
             past_key_values = None  # as the stock layers do: no cache under gradient checkpointing
         cache_layer = mod_cache_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+        if isinstance(cache_layer, StaticMoDCacheLayer) and self.window is not None:
+            raise NotImplementedError(
+                f"MoD layer {self.layer_idx} has a {self.window}-token sliding window: a static MoD cache keeps no "
+                "window (its fixed-shape decoding step attends every slot); use the default dynamic cache"
+            )
         if isinstance(cache_layer, StaticMoDCacheLayer) and cache_layer.allocated:  # decoding with fixed shapes
             return self._static_step(x, position_ids, position_embeddings, mod_routing, cache_layer, past_key_values, kwargs)
         past = cache_layer.seen if cache_layer is not None else 0
@@ -395,7 +415,8 @@ class MoDLayer(nn.Module):
         implementation = self.base_layer.self_attn.config._attn_implementation
         mask = backend_mask(k_valid[:, None, :], k_valid, implementation, x.dtype)  # allowed [B, 1, C]
         if self.mod_config.positions == "renumber":  # the valid entries before this one
-            cos, sin = self.rotary(x, (k_valid.sum(dim=1, keepdim=True) - 1).clamp(min=0))  # [B, 1, hd]
+            positions = (k_valid.sum(dim=1, keepdim=True) - 1).clamp(min=0)  # [B, 1]
+            cos, sin = compat.rotary_embeddings(self.rotary, x, positions, self.layer_type)  # [B, 1, hd]
         else:
             cos, sin = position_embeddings
         h, m = self.block(x, mask, cos, sin, position_ids, cache, **kwargs)
@@ -467,7 +488,7 @@ class MoDLayer(nn.Module):
             shape = order.shape if order is not None else x.shape[:2]
             counted = q_valid if q_valid is not None else torch.ones(shape, dtype=torch.bool, device=x.device)
             positions = (before + counted.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, Tk]
-            return self.rotary(x, positions)
+            return compat.rotary_embeddings(self.rotary, x, positions, self.layer_type)
         if order is None:
             return position_embeddings
         batch, kept_len = order.shape
@@ -489,10 +510,8 @@ class MoDLayer(nn.Module):
         x: torch.Tensor,
     ) -> Any:
         """The mask of the kept tokens' attention, in the backend's format (None: plain causal)."""
-        attn = self.base_layer.self_attn
-        implementation = attn.config._attn_implementation
-        # Qwen2 sets it per layer on the attention module; Mistral reads it from the config
-        window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+        implementation = self.base_layer.self_attn.config._attn_implementation
+        window = self.window
         check_window(implementation, window, past + length)
         if window is not None and past + length <= window:
             window = None  # no key is ever farther than the window
@@ -501,7 +520,8 @@ class MoDLayer(nn.Module):
             if isinstance(stock_mask, torch.Tensor) and stock_mask.dim() == 4 and stock_mask.shape[-1] > length:
                 return stock_mask[..., :length]  # a static cache's mask spans its whole length; the keys are the chunk's
             return stock_mask
-        if past == 0 and window is None:  # kept tokens in original order, nothing cached before them
+        blocks = ctx.blocks  # [B, T] bidirectional blocks of the chunk (Gemma 3's images), or None
+        if past == 0 and window is None and blocks is None:  # kept tokens in original order, nothing cached before them
             if q_valid is None:
                 if implementation in EAGER_LIKE:
                     causal = ctx.shared(("causal", length, x.dtype, device), lambda: _additive_causal(length, x.dtype, device))
@@ -517,14 +537,18 @@ class MoDLayer(nn.Module):
             if k_valid is None:
                 return None
             return backend_mask(k_valid[:, None, :], k_valid, implementation, x.dtype)  # allowed [B, 1, S + 1]
-        # the general rule, by original indices (chunks after a cache, sliding windows)
+        # the general rule, by original indices (chunks after a cache, sliding windows, bidirectional blocks)
         order = route.order if route is not None else torch.arange(length, device=device).expand(x.shape[0], length)
         q_index = past + order  # [B, Tk]
         k_valid = q_valid if q_valid is not None else torch.ones_like(order, dtype=torch.bool)
         k_index = q_index
+        q_block = k_block = None if blocks is None else blocks.gather(1, order)  # [B, Tk]
         if cache_layer is not None:  # the cache already holds this chunk's bookkeeping
             k_index, k_valid = cache_layer.index, cache_layer.valid  # [B, S + Tk]
-        return backend_mask(allowed_pairs(q_index, k_index, k_valid, window), k_valid, implementation, x.dtype)
+            if q_block is not None:  # cached entries precede every query: causality alone decides them
+                k_block = torch.nn.functional.pad(q_block, (k_index.shape[1] - kept_len, 0), value=-1)  # [B, S + Tk]
+        allowed = allowed_pairs(q_index, k_index, k_valid, window, q_block, k_block)  # [B, Tk, S + Tk]
+        return backend_mask(allowed, k_valid, implementation, x.dtype)
 
     def _run_base_pre_hooks(self, hidden_states: torch.Tensor) -> None:
         """Forward pre-hooks placed on the wrapped layer run as if it were called, so that hook pairs

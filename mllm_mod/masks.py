@@ -7,6 +7,10 @@ need no indices, because kept tokens are gathered in original order and every ca
 a new chunk: a chunk with nothing cached before it (`causal_in_order`: slot order is index order) and
 one decoding token (it may attend every valid entry: the key padding mask alone).
 
+Bidirectional blocks (Gemma 3: the tokens of one image attend each other both ways) are told by each
+token's block id, gathered with it, so a kept image token sees the other kept tokens of its image, later
+ones included, as in the dense model's mask; they take the general rule (`allowed_pairs`).
+
 A sliding window counts original positions. sdpa and eager get it in their [B, 1, Tq, Tk] masks;
 flash-attention kernels take a 2-D key padding mask and apply the window to slot distances, which are
 shorter than original distances once tokens were skipped, so flash + window is refused as soon as the
@@ -28,17 +32,25 @@ def allowed_pairs(
     k_index: torch.Tensor,
     k_valid: torch.Tensor,
     sliding_window: int | None = None,
+    q_block: torch.Tensor | None = None,
+    k_block: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean [B, Tq, Tk]: query i may attend key j.
 
     q_index [B, Tq], k_index [B, Tk]: original sequence indices; k_valid [B, Tk]: real keys (not
-    padding, not filler). A query row that would attend nothing (a padding or filler query) attends
-    its own key instead, so no row is all masked (softmax over nothing gives NaN, and NaN leaks
-    through ``0 * NaN`` in the next layer). Such rows are never read.
+    padding, not filler). q_block [B, Tq], k_block [B, Tk]: bidirectional blocks (Gemma 3's images):
+    a query also attends the later keys of its own block (id >= 0), as transformers' ``blockwise_overlay``
+    ORed with causality; the sliding window is ANDed after, over original distances (``kv > q - window``).
+    A query row that would attend nothing (a padding or filler query) attends its own key instead, so no
+    row is all masked (softmax over nothing gives NaN, and NaN leaks through ``0 * NaN`` in the next
+    layer). Such rows are never read.
     """
     qi = q_index[:, :, None]  # [B, Tq, 1]
     kj = k_index[:, None, :]  # [B, 1, Tk]
-    allowed = k_valid[:, None, :] & (kj <= qi)  # [B, Tq, Tk]
+    order = kj <= qi  # [B, Tq, Tk]
+    if q_block is not None:
+        order = order | ((q_block[:, :, None] == k_block[:, None, :]) & (q_block[:, :, None] >= 0))
+    allowed = k_valid[:, None, :] & order  # [B, Tq, Tk]
     if sliding_window is not None:
         allowed &= (qi - kj) < sliding_window
     empty = ~allowed.any(dim=-1, keepdim=True)  # [B, Tq, 1]

@@ -357,3 +357,41 @@ def qwen_vl_model(
         chat_template=tokenizer.chat_template,
     )
     return instantiate(model_cls, config, processor, attn, seed, device)
+
+
+GEMMA3_TOKENS = dict(pad=0, bos=2, eos=1, boi=61, eoi=62, image=63)  # ids of the tiny Gemma 3 vocabulary (64)
+
+
+def gemma3_model(
+    num_layers: int = 6,
+    attn: str = "sdpa",
+    seed: int = 0,
+    sliding_window: int = 12,
+    mm_tokens_per_image: int = 16,
+    device: str | torch.device = "cpu",
+    **text_overrides,
+):
+    """A tiny random `Gemma3ForConditionalGeneration` (no processor: the tests write the prompts by hand, as
+    Gemma 3's processor lays them out: ``<start_of_image>`` + `mm_tokens_per_image` image placeholders +
+    ``<end_of_image>``, with ``token_type_ids`` 1 on the placeholders). Layers alternate sliding-window and
+    global attention as Gemma 3's pattern (every 6th global; with 6 layers: 0-4 sliding, 5 global, unless
+    `layer_types` is overridden); the sliding window (12) is shorter than the prompts, so it cuts them. The
+    SigLIP tower sees 32-px images in 4-px patches (8 x 8), average-pooled to ``mm_tokens_per_image``
+    (4 x 4 = 16) placeholders."""
+    import transformers as tf
+
+    text = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, max_position_embeddings=2048,
+        sliding_window=sliding_window, pad_token_id=GEMMA3_TOKENS["pad"], bos_token_id=GEMMA3_TOKENS["bos"],
+        eos_token_id=GEMMA3_TOKENS["eos"],
+    )
+    text.update(text_overrides)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4)
+    config = tf.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens_per_image,
+        boi_token_index=GEMMA3_TOKENS["boi"], eoi_token_index=GEMMA3_TOKENS["eoi"], image_token_index=GEMMA3_TOKENS["image"],
+    )
+    config.pad_token_id = GEMMA3_TOKENS["pad"]
+    model, _ = instantiate(tf.Gemma3ForConditionalGeneration, config, None, attn, seed, device)
+    return model

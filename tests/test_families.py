@@ -213,15 +213,31 @@ def test_profile_config_only_reference_shapes(capsys):
 
 
 def test_unsupported_family_is_refused_listing_the_supported_ones():
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
     text = dict(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    config = PaliGemmaConfig(text_config=text, vision_config=vision, projection_dim=16)
     with torch.device("meta"):
-        model = Gemma3ForConditionalGeneration(config)
-    with pytest.raises(ValueError, match=r"'gemma3' is not supported; supported families: Idefics3 / SmolVLM \(idefics3/smolvlm\), InternVL \(internvl\), LLaVA-1.5.*Qwen2-VL / Qwen2.5-VL \(qwen2_vl/qwen2_5_vl\), Qwen3-VL \(qwen3_vl\)"):
+        model = PaliGemmaForConditionalGeneration(config)
+    with pytest.raises(
+        ValueError,
+        match=r"'paligemma' is not supported; supported families: Gemma 3 \(gemma3\), Idefics3 / SmolVLM \(idefics3/smolvlm\), "
+        r"InternVL \(internvl\), LLaVA-1.5.*Qwen2-VL / Qwen2.5-VL \(qwen2_vl/qwen2_5_vl\), Qwen3-VL \(qwen3_vl\)",
+    ):
         mllm_mod.retrofit(model, "pmod")
+    assert not hasattr(model, "mod_state")
+
+
+def test_gemma3_is_supported():
+    """Gemma 3 is retrofitted (its invariants are in tests/test_gemma3.py): the real class, its decoder and tower."""
+    from mllm_mod.tiny import gemma3_model
+
+    model = gemma3_model(num_layers=2)
+    adapter = mllm_mod.adapter_for(model)
+    assert adapter.name == "Gemma 3" and adapter.vision_tower(model) is model.model.vision_tower
+    mllm_mod.retrofit(model, "pmod", schedule="constant", ratio=0.5)
+    assert all(isinstance(layer, mllm_mod.MoDLayer) for layer in adapter.layers(model))
 
 
 # -- fine-tuning and evaluation through the family's own processor --------------------------------------
