@@ -37,6 +37,13 @@ class EfficiencyReport:
     allocated_kv_bytes: int
     accounting_matches: bool
     mismatches: list[str] = field(default_factory=list)
+    side_flops: list[float] = field(default_factory=list)  # [B] a training-free method's FLOPs outside the decoder
+
+    @property
+    def side_tflops(self) -> float:
+        """Mean side cost per sample (TFLOPs): what a training-free method computes outside the decoder layers
+        to decide (attention rows, distances, the vision-encoder side of VisionZip); 0 for the others."""
+        return self.mean(self.side_flops) / 1e12 if self.side_flops else 0.0
 
     @property
     def tflops_ratio(self) -> float:
@@ -54,6 +61,7 @@ class EfficiencyReport:
             ("vision tokens / sample", f"{self.mean(self.n_vision):.1f}", "", ""),
             ("text tokens / sample", f"{self.mean(self.n_text):.1f}", "", ""),
             ("prefill TFLOPs / sample", f"{self.mean(self.dense_tflops):.6g}", f"{self.mean(self.mod_tflops):.6g}", f"{self.tflops_ratio:.3f}"),
+            ("side TFLOPs / sample (outside the decoder)", "0", f"{self.side_tflops:.6g}", ""),
             ("KV-cache MB / sample", f"{self.mean(self.dense_kv_bytes) / 2**20:.4g}", f"{self.mean(self.mod_kv_bytes) / 2**20:.4g}", f"{self.kv_ratio:.3f}"),
         ]
         out = ["| quantity | dense | MoD | MoD / dense |", "|---|---:|---:|---:|"]
@@ -79,9 +87,15 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
         attention_mask = torch.ones_like(input_ids)
     ctx = adapter.routing_context(model, input_ids, None, attention_mask, inputs=batch)
     ctx.stats = []
+    from .eval.baselines import drop_decision
+
+    decision = drop_decision(model)  # a training-free method notes its side cost per sample of this forward
+    if decision is not None:
+        decision.last_side = []
     with torch.no_grad():
         out = model(**batch, mod_routing=ctx, use_cache=True)
     cache = output_cache(out)
+    side = list(decision.last_side) if decision is not None and len(decision.last_side) == input_ids.shape[0] else []
     real = attention_mask.bool().cpu()  # [B, T]
     vision = ctx.candidates.cpu() & real if ctx.candidates is not None else torch.zeros_like(real)
     n_vision = vision.sum(1).tolist()
@@ -126,6 +140,7 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
         allocated_kv_bytes=kv_bytes(cache),
         accounting_matches=not mismatches,
         mismatches=mismatches,
+        side_flops=side if side else [0.0] * len(n_text),
     )
 
 

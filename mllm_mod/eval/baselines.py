@@ -118,6 +118,23 @@ class DropDecision:
         self.input_ids: torch.Tensor | None = None
         self.uncached = False
         self.prefill: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_side: list[float] = []  # [B] side FLOPs of each sample of the last prefill
+        self.side_flops = 0.0  # summed over every sample of every prefill decided
+        self.side_samples = 0
+
+    def add_side(self, per_sample: Sequence[float], new_forward: bool) -> None:
+        """Note the side FLOPs (computed outside the decoder layers) of each sample of this forward; a method
+        deciding in several places of one forward (PyramidDrop's stages) adds with ``new_forward=False``."""
+        if new_forward or len(self.last_side) != len(per_sample):
+            self.last_side = [0.0] * len(per_sample)
+            self.side_samples += len(per_sample)
+        self.last_side = [a + float(b) for a, b in zip(self.last_side, per_sample)]
+        self.side_flops += float(sum(per_sample))
+
+    def side_summary(self) -> dict[str, float | None]:
+        """The mean side cost per decided sample (TFLOPs), for reports."""
+        mean = self.side_flops / self.side_samples if self.side_samples else None
+        return {"side_tflops_per_sample": None if mean is None else mean / 1e12}
 
     def see_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -188,8 +205,10 @@ class DropDecision:
         at = self.ranking_tokens(real)  # [B]
         if self.spec.method == "fastv":
             scores = token_attention(attn, hidden, kwargs["position_embeddings"], real, at)  # [B, T]
+            self.add_side(ranking_row_flops(attn, real, at), new_forward=True)
         else:
             scores = self.random_scores(real, at)  # [B, T]
+            self.add_side([0.0] * real.shape[0], new_forward=True)
         keep = topk_per_sample(scores, vision, self.spec.keep_ratio) & vision  # [B, T]: the kept vision tokens
         logits = torch.where(keep | ~vision, 0.0, DROPPED_LOGIT)  # [B, T]
         self.logits = logits.to(torch.float32)[..., None]  # [B, T, 1]
@@ -276,6 +295,17 @@ def token_attention(
     visible = real & (torch.arange(length, device=hidden.device)[None, :] <= last[:, None])  # [B, T]
     logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=1)  # [B, T]
+
+
+def ranking_row_flops(attn: nn.Module, real: torch.Tensor, query: torch.Tensor) -> list[float]:
+    """[B] FLOPs `token_attention` computes for each sample outside the decoder's own work: the ranking
+    token's query ``2 D (H hd)``, the keys of the sample's real tokens ``2 T D (Hkv hd)`` and its score row over
+    the tokens up to the ranking token ``2 T' (H hd)`` (softmax, RoPE and norms not counted, as in `flops.py`)."""
+    hidden, q_dim, kv_dim = attn.q_proj.in_features, attn.q_proj.out_features, attn.k_proj.out_features
+    length = real.shape[1]
+    visible = (real & (torch.arange(length, device=real.device)[None, :] <= query[:, None])).sum(dim=1).tolist()
+    tokens = real.sum(dim=1).tolist()
+    return [float(2 * hidden * q_dim + 2 * t * hidden * kv_dim + 2 * v * q_dim) for t, v in zip(tokens, visible)]
 
 
 def baseline_config(spec: DropSpec, num_layers: int):

@@ -9,6 +9,9 @@ One module per method, all on the staged decision of `staged` (the same gather, 
   on; `vtw.calibrate_k` chooses K by the KL divergence of the output on a calibration set.
 - ``divprune`` (`divprune`): DivPrune -- a greedy max-min diverse subset (``subset_ratio`` retained, 0.098)
   of the projected vision tokens, before the LLM: every layer sees the shorter sequence.
+- ``visionzip`` (`visionzip`): VisionZip -- in the vision encoder, ``dominant`` tokens (CLS + the patches CLS
+  attends to most; 54) and ``contextual`` tokens merged from the rest (10); the LLM sees the shorter sequence
+  (LLaVA-1.5; other families refused with the reason).
 - ``dart`` (`dart`): DART -- pivots by the key norm of layer K-1 (``pruned_layer`` 2; ``pivot_image_token``
   4, ``pivot_text_token`` 4), each claiming the image tokens least similar to it; ``reduction_ratio`` 0.778.
 
@@ -26,20 +29,22 @@ from torch import nn
 from .dart import DARTSpec, apply_dart
 from .divprune import DivPruneSpec, apply_divprune
 from .pdrop import PDropSpec, apply_pdrop
+from .visionzip import VisionZipSpec, apply_visionzip
 from .vtw import VTWSpec, apply_vtw, calibrate_k
 
-ZOO = ("pdrop", "vtw", "divprune", "dart")
-SPECS = {"pdrop": PDropSpec, "vtw": VTWSpec, "divprune": DivPruneSpec, "dart": DARTSpec}
-APPLY = {"pdrop": apply_pdrop, "vtw": apply_vtw, "divprune": apply_divprune, "dart": apply_dart}
+ZOO = ("pdrop", "vtw", "divprune", "dart", "visionzip")
+SPECS = {"pdrop": PDropSpec, "vtw": VTWSpec, "divprune": DivPruneSpec, "dart": DARTSpec, "visionzip": VisionZipSpec}
+APPLY = {"pdrop": apply_pdrop, "vtw": apply_vtw, "divprune": apply_divprune, "dart": apply_dart, "visionzip": apply_visionzip}
 FIELDS = {
     "pdrop": ("layer_list", "lam"),
     "vtw": ("withdraw_layer",),
     "divprune": ("subset_ratio",),
     "dart": ("pruned_layer", "reduction_ratio", "pivot_image_token", "pivot_text_token"),
+    "visionzip": ("dominant", "contextual"),
 }
-INTEGER_FIELDS = ("withdraw_layer", "pruned_layer", "pivot_image_token", "pivot_text_token")
+INTEGER_FIELDS = ("withdraw_layer", "pruned_layer", "pivot_image_token", "pivot_text_token", "dominant", "contextual")
 ZOO_ARGS = tuple(dict.fromkeys(name for names in FIELDS.values() for name in names))  # every budget model arg
-ZooSpec = PDropSpec | VTWSpec | DivPruneSpec | DARTSpec
+ZooSpec = PDropSpec | VTWSpec | DivPruneSpec | DARTSpec | VisionZipSpec
 
 
 def parse_field(name: str, value: Any) -> Any:
@@ -66,7 +71,7 @@ def zoo_spec(method: str, **fields: Any) -> ZooSpec:
 
 
 def is_zoo_spec(spec: Any) -> bool:
-    return isinstance(spec, (PDropSpec, VTWSpec, DivPruneSpec, DARTSpec))
+    return isinstance(spec, tuple(SPECS.values()))
 
 
 def apply_zoo(model: nn.Module, spec: ZooSpec | str, **fields: Any) -> nn.Module:
@@ -92,9 +97,11 @@ __all__ = [
     "DivPruneSpec",
     "PDropSpec",
     "VTWSpec",
+    "VisionZipSpec",
     "apply_dart",
     "apply_divprune",
     "apply_pdrop",
+    "apply_visionzip",
     "apply_vtw",
     "apply_zoo",
     "budget_label",

@@ -90,9 +90,10 @@ def set_order(values: list[int]) -> list[int]:
     return list(set(values))
 
 
-def select(spec: DARTSpec, keys: torch.Tensor, states: torch.Tensor, image: list[int], text: list[int]) -> list[int]:
-    """Kept image indices of one sample. keys [T, H*hd] (layer K-1, after RoPE), states [T, D] (after the
-    final norm); image / text: candidate indices (image tokens; text tokens after the image)."""
+def select(spec: DARTSpec, keys: torch.Tensor, states: torch.Tensor, image: list[int], text: list[int]) -> tuple[list[int], int]:
+    """(kept image indices, similarities computed) of one sample. keys [T, H*hd] (layer K-1, after RoPE),
+    states [T, D] (after the final norm); image / text: candidate indices (image tokens; text tokens after the
+    image)."""
     norms = keys.float().abs().sum(dim=-1)  # [T] L1 norm
     n_img, n_txt = min(int(spec.pivot_image_token), len(image)), min(int(spec.pivot_text_token), len(text))
     img = torch.tensor(image, dtype=torch.long)
@@ -102,15 +103,24 @@ def select(spec: DARTSpec, keys: torch.Tensor, states: torch.Tensor, image: list
     share = spec.share(len(image))
     kept = set(image_pivots)
     free = [i for i in image if i not in kept]  # in position order
+    compared = 0
     for pivot in set_order(image_pivots + text_pivots):
         take = min(share, len(free))
         if take == 0:
             break
+        compared += len(free)
         similarity = torch.nn.functional.cosine_similarity(states[pivot].float()[None], states[free].float(), dim=-1)
         chosen = {free[i] for i in (-similarity).topk(take).indices.tolist()}
         kept |= chosen
         free = [i for i in free if i not in chosen]
-    return sorted(kept)
+    return sorted(kept), compared
+
+
+def side_flops(tokens: int, kv_dim: int, width: int, compared: int) -> int:
+    """FLOPs of the selection outside the decoder for one sample of `tokens` real tokens: layer K-1's keys
+    recomputed ``2 T D kv_dim`` (D = width), their L1 norms ``T kv_dim`` and the `compared` pivot-token cosine
+    similarities ``2 D`` each (the states' norms not counted, as in `flops.py`)."""
+    return 2 * tokens * width * kv_dim + tokens * kv_dim + 2 * compared * width
 
 
 class DARTRule:
@@ -140,13 +150,14 @@ class DARTRule:
             vision = seen.vision[b].nonzero()[:, 0]
             after = torch.arange(int(vision[-1]) + 1, int(seen.ranking[b]) + 1, device=vision.device)
             text = after[seen.real[b, after] & ~seen.vision[b, after]]
-            kept = select(
+            kept, compared = select(
                 spec,
                 self.keys[b, first:],
                 states[b, first:],
                 (vision - first).tolist(),
                 (text - first).tolist(),
             )
+            seen.side[b] += side_flops(int(seen.real[b].sum()), self.keys.shape[-1], states.shape[-1], compared)
             keep[b, torch.tensor(kept, dtype=torch.long, device=keep.device) + first] = True
         return keep
 

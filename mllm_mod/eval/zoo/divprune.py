@@ -17,6 +17,9 @@ keeping the same set with renumbered positions, which is that shorter sequence's
 test against a forward of the stock decoder on the shortened embeddings), and `mllm_mod.efficiency` counts
 it as what it is: text + k tokens and KV entries in every layer. A sample's vision tokens of several images
 are pooled into one selection (the reference selects per image; one image per sample is the same).
+
+Side cost (outside the decoder, measured per sample, `side_flops`): the n x n distance matrix ``2 n^2 D``
+and the greedy loop ``k n``.
 """
 
 from __future__ import annotations
@@ -85,13 +88,21 @@ def max_min_subset(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long, device=features.device)
 
 
+def side_flops(n: int, width: int, k: int) -> int:
+    """FLOPs of the selection outside the decoder: the n x n cosine similarities of D-wide tokens ``2 n^2 D``
+    and the greedy loop's k updates of the n nearest-chosen distances ``k n`` (norms not counted)."""
+    return 2 * n * n * width + k * n
+
+
 def rule(spec: DivPruneSpec, seen: StageInput) -> torch.Tensor:
     """Each sample's DivPrune subset of its vision tokens, from the input embeddings of the first layer."""
     keep = torch.zeros_like(seen.vision)
     for b in range(seen.vision.shape[0]):
         where = seen.vision[b].nonzero()[:, 0]  # [n]
-        chosen = max_min_subset(seen.hidden[b, where], keep_count(len(where), spec.subset_ratio))
+        k = keep_count(len(where), spec.subset_ratio)
+        chosen = max_min_subset(seen.hidden[b, where], k)
         keep[b, where[chosen]] = True
+        seen.side[b] += side_flops(len(where), seen.hidden.shape[-1], k)
     return keep
 
 

@@ -1,7 +1,8 @@
 """Budgets at a given prefill cost: each zoo method's budget whose TFLOPs (the `flops.prefill_cost`
 accounting that `mllm_mod.efficiency` checks) come closest to a target's, e.g. p-MoD's, for the fidelity
 study's equal-TFLOPs arms. The search keeps the paper's other settings: PyramidDrop varies lambda at its
-boundaries, VTW varies K, DivPrune varies the retained fraction, DART its reduction ratio at K = 2."""
+boundaries, VTW varies K, DivPrune varies the retained fraction, DART its reduction ratio at K = 2, VisionZip
+its tokens per image at the paper's dominant : contextual split (54 : 10 of 64, 5/32 contextual)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from .dart import DARTSpec
 from .divprune import DivPruneSpec
 from .pdrop import PDropSpec
+from .visionzip import VisionZipSpec
 from .vtw import VTWSpec
 
 
@@ -38,6 +40,9 @@ def candidates(method: str, num_layers: int, n_vision: int, base: Any = None) ->
         return [DivPruneSpec(k / n_vision) for k in range(1, n_vision + 1)]
     if method == "dart":
         return [DARTSpec(reduction_ratio=round(0.01 * i, 2)) for i in range(100)]
+    if method == "visionzip":  # k tokens per image, contextual = round(k * 10 / 64) as the paper's 54+10, 108+20, 162+30
+        split = [(k - round(k * 10 / 64), round(k * 10 / 64)) for k in range(1, n_vision + 1)]
+        return [VisionZipSpec(d, c) for d, c in split if d >= 1]
     raise ValueError(f"no budget search for {method!r}")
 
 

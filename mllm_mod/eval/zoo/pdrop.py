@@ -13,6 +13,9 @@ rest of the stage run on them. Positions are renumbered (the pruned sequence's),
 generated tokens follow each layer's shorter cache (the reference shifts ``position_ids`` by the dropped
 count).
 
+Side cost (outside the decoder, measured per sample): at each boundary the ranking token's query, the keys
+of the tokens still present and their score row (`mllm_mod.eval.baselines.ranking_row_flops`).
+
 Depth: the paper's boundaries are for 32 layers; for a decoder of ``L`` layers the default boundaries are
 the same fractions, ``b_i = floor(i * L / 4 + 1/2)`` for i = 1, 2, 3 (32 -> 8, 16, 24; 40 -> 10, 20, 30;
 28 -> 7, 14, 21; 4 -> 1, 2, 3). Give ``layer_list`` to choose others.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..baselines import token_attention
+from ..baselines import ranking_row_flops, token_attention
 from .staged import Stage, StageInput, install, top_count
 
 PAPER_LAYERS = 32
@@ -100,6 +103,8 @@ def rule(spec: PDropSpec, seen: StageInput) -> torch.Tensor:
     scores = token_attention(
         base.self_attn, base.input_layernorm(seen.hidden), seen.renumbered(), seen.visible(), seen.ranking
     )  # [B, T]
+    for b, flops in enumerate(ranking_row_flops(base.self_attn, seen.visible(), seen.ranking)):
+        seen.side[b] += flops  # the ranking row of this boundary, over the tokens still present
     return top_count(scores, seen.before, keep_counts(seen.vision.sum(dim=1), spec.lam, seen.stage))
 
 

@@ -19,6 +19,10 @@ are numbered 0.. in order, as if the pruned sequence were the input: the referen
 rebuilds ``position_ids`` after each drop, and DivPrune's LLM receives a shorter sequence). Decoding steps
 follow each layer's shorter cache either way.
 
+Side cost: a rule adds to ``seen.side[b]`` the FLOPs it computes for sample b outside the decoder layers
+(attention rows, distances, similarities; `DropDecision.add_side`), so each method's side cost is measured on
+the forwards it runs and reported beside the decoder TFLOPs, never folded into them.
+
 Ranking token, cached and uncached generation: as FastV's (`DropDecision`): each forward ranks at each row's
 last real token, or at the token `ranking_at` names, or, when uncached generation recomputes a prefill's rows
 (``use_cache=False``), at the prefill's own ranking token. The decision runs in eval mode only (in training
@@ -28,7 +32,7 @@ the core's top-k would count with the nominal ratio).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,6 +63,7 @@ class StageInput:
     vision: torch.Tensor  # real vision tokens
     before: torch.Tensor  # vision tokens the previous stage kept (every vision token for the first stage)
     ranking: torch.Tensor  # [B] index of each row's ranking token (the last instruction token)
+    side: list[float] = field(default_factory=list)  # [B] FLOPs the rule computes outside the decoder (it adds)
 
     def visible(self) -> torch.Tensor:
         """The tokens the stage's first layer would attend to without this stage: text + `before`."""
@@ -120,8 +125,9 @@ class StagedDecision(DropDecision):
         before = vision if stage == 0 else self.keeps[stage - 1]
         if before is None or before.shape != vision.shape:
             raise RuntimeError(f"{self.spec.method}: stage {stage} ran without stage {stage - 1}'s decision")
-        seen = StageInput(stage, layer, hidden, real, vision, before, self.ranking)
+        seen = StageInput(stage, layer, hidden, real, vision, before, self.ranking, [0.0] * hidden.shape[0])
         keep = self.rule(self.spec, seen) & before  # [B, T]
+        self.add_side(seen.side, new_forward=stage == 0)
         self.keeps[stage] = keep
         self.stage_logits[stage] = torch.where(keep | ~vision, 0.0, DROPPED_LOGIT).to(torch.float32)[..., None]
 
