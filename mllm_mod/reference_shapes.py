@@ -36,6 +36,11 @@ QWEN3_VL_8B_TEXT: dict[str, Any] = dict(  # the LLM of Qwen3-VL-8B (Qwen3-8B; in
     num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True},
 )
+GEMMA3_4B_TEXT: dict[str, Any] = dict(  # the LLM of Gemma-3-4B (GQA 8/4, head_dim 256; 5 sliding : 1 global)
+    vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024, max_position_embeddings=131072,
+    rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+)
 
 
 def _llava_config(shape: ReferenceShape) -> Any:
@@ -93,6 +98,16 @@ def _qwen_vl_config(shape: ReferenceShape) -> Any:
     return tf.Qwen3VLConfig(text_config=shape.text, vision_config=vision, **ids)
 
 
+def _gemma3_config(shape: ReferenceShape) -> Any:
+    import transformers as tf
+
+    vision = dict(  # SigLIP-so400m at 896 px: 64 x 64 patches, average-pooled to 16 x 16 = 256 per image
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=896,
+        patch_size=14, vision_use_head=False,
+    )
+    return tf.Gemma3Config(text_config=shape.text, vision_config=vision, mm_tokens_per_image=256)
+
+
 @dataclass(frozen=True)
 class ReferenceShape:
     name: str
@@ -109,7 +124,7 @@ class ReferenceShape:
 
 CONFIGS = {
     "llava": _llava_config, "internvl": _internvl_config, "smolvlm": _smolvlm_config,
-    "qwen2_5_vl": _qwen_vl_config, "qwen3_vl": _qwen_vl_config,
+    "qwen2_5_vl": _qwen_vl_config, "qwen3_vl": _qwen_vl_config, "gemma3": _gemma3_config,
 }
 
 
@@ -140,6 +155,10 @@ REFERENCE_SHAPES = {
         ReferenceShape(  # 32 x 32 px per token: 1024 px square
             "qwen3-vl-8b", "Qwen3-VL-8B: Qwen3-8B + SigLIP2-so400m, dynamic resolution, 1024 image tokens (1024 x 1024 px)",
             1024, 64, text=QWEN3_VL_8B_TEXT, family="qwen3_vl",
+        ),
+        ReferenceShape(  # one image: 896 x 896 px, pooled to 256 soft tokens
+            "gemma-3-4b", "Gemma-3-4B: Gemma 3 4B + SigLIP-so400m/896, 256 image tokens per image",
+            256, 64, text=GEMMA3_4B_TEXT, family="gemma3",
         ),
     )
 }
