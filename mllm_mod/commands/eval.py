@@ -67,6 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--reduction-ratio", type=float, help="dart: fraction of the image tokens pruned (default 0.778; K=2, 4+4 pivots)"
     )
+    p.add_argument(
+        "--dominant", type=int, help="visionzip: dominant tokens per image, CLS included (default 54; paper: 54, 108, 162)"
+    )
+    p.add_argument("--contextual", type=int, help="visionzip: contextual (merged) tokens per image (default 10; paper: 10, 20, 30)")
     p.add_argument("--limit", type=float, help="samples per task (a fraction if < 1), for smoke runs")
     p.add_argument("--data-root", help="directory of datasets.save_to_disk mirrors, one per task")
     p.add_argument("--skip-missing", action="store_true", help="run the tasks whose data is available")

@@ -22,6 +22,7 @@ EFFICIENCY_COLUMNS = (  # (Meter.summary() key, column title, scale, format)
     ("kv_bytes_per_sample", "KV MiB/sample", 2.0**-20, "{:.4g}"),
     ("prefill_latency_s_per_batch", "prefill ms/batch", 1e3, "{:.4g}"),
     ("decode_tokens_per_s", "gen tok/s", 1.0, "{:.1f}"),
+    ("side_tflops_per_sample", "side TFLOPs/sample", 1.0, "{:.3g}"),  # a method's own selection, outside the decoder
 )
 
 
@@ -93,7 +94,10 @@ def markdown(results: list[ModelResult], meta: dict[str, Any] | None = None) -> 
         limit = f", limit {meta['limit']} per task" if meta.get("limit") else ""
         lines += [
             "",
-            f"Suite `{meta.get('suite')}`{limit}; efficiency measured on the evaluated batches (decoder prefill).",
+            f"Suite `{meta.get('suite')}`{limit}; efficiency measured on the evaluated batches (decoder prefill). "
+            "Side TFLOPs: what a training-free method computes outside the decoder layers to choose its tokens "
+            "(ranking rows, distances, similarities, VisionZip's vision-side attention row and merge), reported "
+            "apart from the prefill TFLOPs, not in them.",
         ]
     return "\n".join(lines) + "\n"
 

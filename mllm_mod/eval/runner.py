@@ -107,12 +107,14 @@ def run_suite(
         lm = MoDLMM(**spec.model_args)
         res = evaluator.simple_evaluate(model=lm, tasks=the_plan.tasks, task_manager=manager, limit=limit)
         meter = all_ranks(lm.meter)
+        side = side_cost(lm.model)  # a training-free method's FLOPs outside the decoder, summed over the ranks
         release(lm)  # every rank frees its replica before the next variant loads
         del lm
         if res is None:  # not the main process
             continue
         scores = {e.task: metric_value(res["results"], the_plan.leaves.get(e.task, []), e) for e in the_plan.entries}
-        results.append(ModelResult(spec.name, the_plan.entries, scores, meter.summary(), dict(spec.model_args)))
+        efficiency = {**meter.summary(), **side}
+        results.append(ModelResult(spec.name, the_plan.entries, scores, efficiency, dict(spec.model_args)))
     if not results:
         return None
     meta = {"suite": suite, "limit": limit, "data_root": data_root, "tasks": the_plan.tasks}
@@ -130,6 +132,25 @@ def release(lm: Any) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def side_cost(model: Any) -> dict[str, float | None]:
+    """``side_tflops_per_sample``: the mean FLOPs per decided sample a training-free method (FastV, the zoo)
+    computed outside the decoder layers to choose its tokens (its ranking rows, distances, VisionZip's vision-side
+    attention row and merge), summed over every rank; 0 for a model that computes none (dense, MoD)."""
+    import torch.distributed as dist
+
+    from .baselines import drop_decision
+
+    decision = drop_decision(model)
+    totals = (decision.side_flops, decision.side_samples) if decision is not None else (0.0, 0)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[tuple[float, int] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, totals)
+        totals = (sum(g[0] for g in gathered), sum(g[1] for g in gathered))
+    if decision is None:
+        return {"side_tflops_per_sample": 0.0}
+    return {"side_tflops_per_sample": totals[0] / totals[1] / 1e12 if totals[1] else None}
 
 
 def all_ranks(meter: Meter) -> Meter:
