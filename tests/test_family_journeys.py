@@ -181,3 +181,96 @@ def test_train_cli_through_the_family_processor_and_chat_template(family, world,
     with torch.no_grad():
         for batch in batches:
             assert torch.equal(reloaded(**batch).logits, trained(**batch).logits)
+
+
+# -- the lmms-eval plugin -----------------------------------------------------------------------------
+def one_prompt(processor, question: str) -> str:
+    """The family's chat prompt for a picture and a question, rendered here (not by the plugin)."""
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+
+def reference_generation(model, processor, image, question: str) -> str:
+    """Greedy continuation of the prompt alone, cut at the task's stops (`</s>` on the ids, then '.')."""
+    inputs = processor(images=[image], text=[one_prompt(processor, question)], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    eos = processor.tokenizer.convert_tokens_to_ids("</s>")
+    new = new[: new.index(eos)] if eos in new else new
+    return processor.tokenizer.decode(new, skip_special_tokens=True).split(".")[0].strip()
+
+
+def reference_scoring(model, processor, image, question: str, choice: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(real input ids [T], logits [T, V], NLL of `choice`) of prompt + choice alone."""
+    prompt = one_prompt(processor, question)
+    inputs = processor(images=[image], text=[prompt + choice], return_tensors="pt")
+    n = len(processor.tokenizer(prompt + choice).input_ids) - len(processor.tokenizer(prompt).input_ids)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()  # [T, V]
+    ids = inputs["input_ids"][0]
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    return ids, logits, float(-logp[-n:].gather(1, ids[1:][-n:, None]).sum())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lmms_eval_plugin_batches_equal_the_model_alone(family, world, tmp_path, monkeypatch):
+    """`generate_until` and `loglikelihood` of the plugin (batches of 8, left padded) on the synthetic colour
+    tasks, a trained-like MoD adapter on the base model."""
+    import datasets
+    from lmms_eval import evaluator
+    from lmms_eval.tasks import TaskManager
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mllm_mod.eval.lmms_plugin import MoDLMM
+
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    base = world["base"](family)
+    model = AutoModelForImageTextToText.from_pretrained(base).eval()
+    mllm_mod.retrofit(model, "pmod")
+    randomize_routers(model)
+    mllm_mod.save_mod(model, tmp_path / "adapter")
+    processor = AutoProcessor.from_pretrained(base)
+
+    lm = MoDLMM(pretrained=str(base), mod=str(tmp_path / "adapter"), dtype="float32", batch_size="8", max_new_tokens=8)
+    scored: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real ids [T], logits [T, V]) of every scored row
+    padded: list[bool] = []  # per scoring forward: whether its rows had different lengths
+    score_batch = lm.score_batch
+
+    def recording(prompts, continuations, images):
+        def keep(module, args, kwargs, out):
+            padded.append(bool((~kwargs["attention_mask"].bool()).any()))
+            for row, mask, logits in zip(kwargs["input_ids"], kwargs["attention_mask"].bool(), out.logits):
+                scored.append((row[mask], logits[mask].float()))
+
+        hook = lm.model.register_forward_hook(keep, with_kwargs=True)
+        try:
+            return score_batch(prompts, continuations, images)
+        finally:
+            hook.remove()
+
+    lm.score_batch = recording
+    manager = TaskManager("WARNING", include_path=str(world["tasks"]), include_defaults=False)
+    res = evaluator.simple_evaluate(model=lm, tasks=["mllm_mod_color", "mllm_mod_color_mc"], task_manager=manager, log_samples=True)
+    assert mllm_mod.layer_ratios(lm.model)[1] < 1.0 and "acc,none" in res["results"]["mllm_mod_color_mc"]
+    docs = datasets.load_from_disk(str(world["root"] / "eval" / "data" / "color_varied"))["test"]
+    images = [doc["image"].convert("RGB") for doc in docs]
+
+    # loglikelihood: rows of different lengths in one batch; each == the prompt + choice alone
+    assert any(padded) and len({int(ids.numel()) for ids, _ in scored}) == 3  # three lengths, some batched together
+    samples = res["samples"]["mllm_mod_color_mc"]
+    assert sorted(s["doc_id"] for s in samples) == [0, 1, 2]
+    for s in samples:
+        doc = docs[s["doc_id"]]
+        for choice, ((nll, greedy),) in zip(doc["choices"], s["resps"]):
+            ids, logits, ref_nll = reference_scoring(model, processor, images[s["doc_id"]], doc["question"], " " + choice)
+            (row,) = [lg for rid, lg in scored if torch.equal(rid, ids)][:1]  # the plugin's batched row
+            assert_logits_close(row, logits, f"plugin loglikelihood batched == alone ({family})")
+            assert isinstance(greedy, bool) and nll == pytest.approx(ref_nll, abs=1e-4)
+
+    # generate_until: one batch of three prompts; each text is the greedy continuation of its prompt alone
+    generated = {s["doc_id"]: s["resps"][0][0] for s in res["samples"]["mllm_mod_color"]}
+    expected = [reference_generation(model, processor, image, doc["question"]) for image, doc in zip(images, docs)]
+    assert [generated[i].strip() for i in range(len(docs))] == expected
+    assert any(expected)  # not all cut to nothing
