@@ -513,6 +513,11 @@ class MoDLayer(nn.Module):
         implementation = self.base_layer.self_attn.config._attn_implementation
         window = self.window
         check_window(implementation, window, past + length)
+        if ctx.blocks is not None and implementation in FLASH_LIKE:
+            raise NotImplementedError(
+                f"MoD layer {self.layer_idx}: bidirectional image blocks (Gemma 3's token_type_ids) need a mask by "
+                f"original index; {implementation} takes only a key padding mask. Use attn_implementation='sdpa' or 'eager'"
+            )
         if window is not None and past + length <= window:
             window = None  # no key is ever farther than the window
         device, kept_len = x.device, length if route is None else route.length

@@ -49,7 +49,7 @@ class Gemma3Adapter(Adapter):
         attention_mask: torch.Tensor | None,
         inputs: Mapping[str, Any] | None = None,
     ) -> RoutingContext:
-        if inputs is not None and _is_static(inputs.get("cache", inputs.get("past_key_values"))):
+        if inputs is not None and _is_static(_cache_of(inputs)):
             raise NotImplementedError(STATIC_REFUSED)
         ctx = super().routing_context(model, input_ids, inputs_embeds, attention_mask, inputs)
         ctx.blocks = image_blocks(inputs, input_ids if input_ids is not None else inputs_embeds)
@@ -68,6 +68,16 @@ def image_blocks(inputs: Mapping[str, Any] | None, chunk: torch.Tensor | None) -
     if not bool(image.any()):
         return None
     return frame_groups(image, tokens_per_frame=None)[:, -chunk.shape[1] :].to(chunk.device)  # [B, T]
+
+
+def _cache_of(inputs: Mapping[str, Any]) -> Any:
+    """The cache among a model call's bound arguments, under either name, named or in ``**kwargs``."""
+    extra = inputs.get("kwargs") or {}
+    for name in ("cache", "past_key_values"):
+        for source in (inputs, extra):
+            if source.get(name) is not None:
+                return source[name]
+    return None
 
 
 def _is_static(cache: Any) -> bool:
