@@ -6,6 +6,7 @@ left-padded batch == each sample alone at the logit level, text + trunc(r * n_vi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -177,22 +178,28 @@ def test_videomod_keeps_per_frame_counts_on_a_left_padded_image_and_video_batch(
     assert_cached_equals_uncached(model, clip, 3, f"cached == uncached, video (group, {family})")
 
 
-def test_renumbered_positions_are_refused_and_gmod_runs_with_original_positions():
-    """gamma-MoD on Qwen2-VL: ARank calibration on the family, then the shared router with original positions."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_renumbered_positions_are_refused_and_gmod_runs_with_original_positions(family):
+    """gamma-MoD on each Qwen VL family: ARank calibration on the family (eager attention maps over M-RoPE
+    prompts), then the shared router with original positions."""
     from mllm_mod.arank import arank
 
-    model, processor = tiny_model("qwen2_vl", num_layers=4)
-    with pytest.raises(ValueError, match=r"Qwen2-VL / Qwen2.5-VL: positions='renumber' is not supported \(M-RoPE"):
+    model, processor = tiny_model(family, num_layers=4)
+    name = "Qwen3-VL" if family == "qwen3_vl" else "Qwen2-VL / Qwen2.5-VL"
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}: positions='renumber' is not supported \(M-RoPE"):
         mllm_mod.retrofit(model, "gmod")  # the gmod preset renumbers, as gamma-MoD's reference
     assert not hasattr(model, "mod_state")  # refused before anything changed
     inputs = qwen_inputs(processor)
     report = arank(model, [inputs], progress=False)
     assert report.samples == 3 and len(report.layer_arank) == 4
+    longest = int(inputs["attention_mask"].sum(1).max())
+    assert all(0 < a < longest for a in report.layer_arank)  # numerical ranks of the [S, S] maps, diagonal zeroed
+    assert model.config.get_text_config(decoder=True)._attn_implementation == "sdpa"  # restored after calibration
     mllm_mod.retrofit(model, "gmod", arank=report, positions="original", threshold=0.5, decode_threshold=0.5)
     assert [i for i, r in enumerate(mllm_mod.layer_ratios(model)) if r == 1.0] == report.dense_layers()
     randomize_routers(model, scale=2.0)
     assert efficiency(model, inputs).accounting_matches
-    assert_cached_equals_uncached(model, inputs, 4, "cached == uncached (gmod, original positions, qwen2_vl)")
+    assert_cached_equals_uncached(model, inputs, 4, f"cached == uncached (gmod, original positions, {family})")
 
 
 def reloaded_logits(root, family: str, kind: str) -> torch.Tensor:
