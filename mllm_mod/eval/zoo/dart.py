@@ -124,25 +124,45 @@ def side_flops(tokens: int, kv_dim: int, width: int, compared: int) -> int:
 
 
 class DARTRule:
-    """The rule with what it needs from outside the stage: layer K-1's keys (captured by a pre-hook on its
-    attention) and the decoder's final norm."""
+    """The rule with what it needs from outside the stage: layer K-1's normed input (captured by a pre-hook on
+    its attention), its keys after RoPE and the decoder's final norm.
 
-    def __init__(self, norm: nn.Module) -> None:
+    The keys are rotated at each sample's own positions, counted from its first real token (the reference's
+    unpadded batch of one), whatever ``position_ids`` the caller passed: the L1 norm of a rotated key depends
+    on its absolute position, and a left-padded forward without ``position_ids`` (a batched loglikelihood)
+    would shift them. `rotary`: the decoder's 1-D rotary embedding; None for M-RoPE families, whose positions
+    the model computes from the grids and the attention mask (already padding-free): their layer's own."""
+
+    def __init__(self, norm: nn.Module, rotary: nn.Module | None) -> None:
         self.norm = norm
-        self.keys: torch.Tensor | None = None  # [B, T, H*hd]
+        self.rotary = rotary
+        self.attn: nn.Module | None = None
+        self.inputs: torch.Tensor | None = None  # [B, T, D] layer K-1's normed input
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.keys: torch.Tensor | None = None  # [B, T, Hkv*hd]
 
     def capture(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook on layer K-1's attention: its keys after RoPE, [B, T, Hkv*hd]."""
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, T, D], normed
-        cos, sin = kwargs["position_embeddings"]  # [B or 1, T, hd]
+        """Forward pre-hook on layer K-1's attention: its normed input and position embeddings."""
+        self.attn = attn
+        self.inputs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, T, D], normed
+        self.rope = kwargs.get("position_embeddings")  # [B or 1, T, hd] each
+
+    def rotated_keys(self, real: torch.Tensor) -> torch.Tensor:
+        """[B, T, Hkv*hd] layer K-1's keys after RoPE at each sample's own positions; real [B, T]."""
+        hidden, attn = self.inputs, self.attn
         batch, length, _ = hidden.shape
+        if self.rotary is not None:
+            cos, sin = self.rotary(hidden, (real.long().cumsum(dim=1) - 1).clamp(min=0))  # [B, T, hd]
+        else:
+            cos, sin = self.rope
         k = attn.k_proj(hidden).view(batch, length, -1, attn.head_dim)  # [B, T, Hkv, hd]
         k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
-        self.keys = k.reshape(batch, length, -1)
+        return k.reshape(batch, length, -1)
 
     def __call__(self, spec: DARTSpec, seen: StageInput) -> torch.Tensor:
-        if self.keys is None or self.keys.shape[:2] != seen.vision.shape:
-            raise RuntimeError("dart: layer K-1's keys were not captured in this forward")
+        if self.inputs is None or self.inputs.shape[:2] != seen.vision.shape:
+            raise RuntimeError("dart: layer K-1's input was not captured in this forward")
+        self.keys = self.rotated_keys(seen.real)
         states = self.norm(seen.hidden)  # [B, T, D]
         keep = torch.zeros_like(seen.vision)
         for b in range(seen.vision.shape[0]):
@@ -172,7 +192,8 @@ def apply_dart(model: nn.Module, spec: DARTSpec | None = None, **fields) -> nn.M
     attn = layers[int(spec.pruned_layer) - 1].self_attn  # a stock layer: K - 1 < K stays dense
     if hasattr(attn, "q_norm") or not hasattr(attn, "k_proj"):
         raise NotImplementedError(f"dart: K-norm pivots support Llama-style attention, not {type(attn).__name__}")
-    rule = DARTRule(adapter.decoder(model).norm)
+    decoder = adapter.decoder(model)
+    rule = DARTRule(decoder.norm, None if adapter.renumber_refused else decoder.rotary_emb)
     install(model, spec, spec.stages(len(layers)), rule, positions="original")
     model.mod_state.hooks.append(attn.register_forward_pre_hook(rule.capture, with_kwargs=True))
     return model

@@ -18,6 +18,10 @@ test against a forward of the stock decoder on the shortened embeddings), and `m
 it as what it is: text + k tokens and KV entries in every layer. A sample's vision tokens of several images
 are pooled into one selection (the reference selects per image; one image per sample is the same).
 
+M-RoPE families (Qwen2-VL / Qwen2.5-VL / Qwen3-VL): the shorter sequence keeps its tokens' own gathered
+(t, h, w) positions (`staged.sequence_positions`; pinned by the test against the stock decoder on the shortened
+embeddings at the gathered 3-D ``position_ids``).
+
 Side cost (outside the decoder, measured per sample, `side_flops`): the n x n distance matrix ``2 n^2 D``
 and the greedy loop ``k n``.
 """
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .staged import Stage, StageInput, install
+from .staged import Stage, StageInput, install, sequence_positions
 
 PAPER_SUBSET_RATIO = 0.098
 
@@ -109,4 +113,4 @@ def rule(spec: DivPruneSpec, seen: StageInput) -> torch.Tensor:
 def apply_divprune(model: nn.Module, spec: DivPruneSpec | None = None, **fields) -> nn.Module:
     """Turn a stock model into DivPrune in place (``mllm_mod.unload`` undoes it)."""
     spec = spec or DivPruneSpec(**fields)
-    return install(model, spec, spec.stages(0), rule, positions="renumber")
+    return install(model, spec, spec.stages(0), rule, positions=sequence_positions(model))

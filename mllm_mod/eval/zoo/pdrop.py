@@ -13,6 +13,10 @@ rest of the stage run on them. Positions are renumbered (the pruned sequence's),
 generated tokens follow each layer's shorter cache (the reference shifts ``position_ids`` by the dropped
 count).
 
+M-RoPE families (Qwen2-VL / Qwen2.5-VL / Qwen3-VL): the pruned sequence keeps its tokens' own gathered
+(t, h, w) positions instead of 0.. (`staged.sequence_positions`: renumbering would erase the image grid), and
+the ranking uses the layer's own position embeddings.
+
 Side cost (outside the decoder, measured per sample): at each boundary the ranking token's query, the keys
 of the tokens still present and their score row (`mllm_mod.eval.baselines.ranking_row_flops`).
 
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from ..baselines import ranking_row_flops, token_attention
-from .staged import Stage, StageInput, install, top_count
+from .staged import Stage, StageInput, install, sequence_positions, top_count
 
 PAPER_LAYERS = 32
 PAPER_LAYER_LIST = (8, 16, 24)
@@ -101,7 +105,7 @@ def rule(spec: PDropSpec, seen: StageInput) -> torch.Tensor:
     head-averaged attention from the ranking token in the stage's first layer (pruned-sequence positions)."""
     base = seen.layer.base_layer
     scores = token_attention(
-        base.self_attn, base.input_layernorm(seen.hidden), seen.renumbered(), seen.visible(), seen.ranking
+        base.self_attn, base.input_layernorm(seen.hidden), seen.positions(), seen.visible(), seen.ranking
     )  # [B, T]
     for b, flops in enumerate(ranking_row_flops(base.self_attn, seen.visible(), seen.ranking)):
         seen.side[b] += flops  # the ranking row of this boundary, over the tokens still present
@@ -114,4 +118,4 @@ def apply_pdrop(model: nn.Module, spec: PDropSpec | None = None, **fields) -> nn
 
     spec = spec or PDropSpec(**fields)
     num_layers = len(adapter_for(model).layers(model))
-    return install(model, spec, spec.stages(num_layers), rule, positions="renumber")
+    return install(model, spec, spec.stages(num_layers), rule, positions=sequence_positions(model))

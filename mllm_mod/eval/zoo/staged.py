@@ -64,6 +64,18 @@ class StageInput:
     before: torch.Tensor  # vision tokens the previous stage kept (every vision token for the first stage)
     ranking: torch.Tensor  # [B] index of each row's ranking token (the last instruction token)
     side: list[float] = field(default_factory=list)  # [B] FLOPs the rule computes outside the decoder (it adds)
+    renumber: bool = True  # the pruned sequence is numbered 0.. (False: its tokens keep their own positions)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the layer's (cos, sin) at the original positions
+
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) [B, T, hd] of the pruned sequence: `renumbered`, or for a family whose pruned
+        sequence keeps its tokens' own positions (M-RoPE, `sequence_positions`) the layer's own."""
+        if self.renumber:
+            return self.renumbered()
+        if self.rope is None:
+            raise RuntimeError("the stage's first layer received no position_embeddings")
+        batch = self.hidden.shape[0]
+        return tuple(t.expand(batch, -1, -1) for t in self.rope)  # type: ignore[return-value]
 
     def visible(self) -> torch.Tensor:
         """The tokens the stage's first layer would attend to without this stage: text + `before`."""
@@ -95,10 +107,11 @@ class StagedDecision(DropDecision):
     that make the core keep them. None outside a prefill with vision.
     """
 
-    def __init__(self, spec: Any, stages: Sequence[Stage], rule: Rule) -> None:
+    def __init__(self, spec: Any, stages: Sequence[Stage], rule: Rule, positions: str = "original") -> None:
         super().__init__(spec)
         self.stages = tuple(stages)
         self.rule = rule
+        self.positions = positions
         self.keeps: list[torch.Tensor | None] = [None] * len(self.stages)
         self.stage_logits: list[torch.Tensor | None] = [None] * len(self.stages)
         self.ranking: torch.Tensor | None = None
@@ -125,7 +138,10 @@ class StagedDecision(DropDecision):
         before = vision if stage == 0 else self.keeps[stage - 1]
         if before is None or before.shape != vision.shape:
             raise RuntimeError(f"{self.spec.method}: stage {stage} ran without stage {stage - 1}'s decision")
-        seen = StageInput(stage, layer, hidden, real, vision, before, self.ranking, [0.0] * hidden.shape[0])
+        rope = kwargs.get("position_embeddings")
+        seen = StageInput(
+            stage, layer, hidden, real, vision, before, self.ranking, [0.0] * hidden.shape[0], self.positions == "renumber", rope
+        )
         keep = self.rule(self.spec, seen) & before  # [B, T]
         self.add_side(seen.side, new_forward=stage == 0)
         self.keeps[stage] = keep
@@ -159,6 +175,19 @@ def staged_config(method: str, num_layers: int, stages: Sequence[Stage], positio
     return drop_config(method, layers, 1.0, inference="threshold", threshold=THRESHOLD, positions=positions)
 
 
+def sequence_positions(model: nn.Module) -> str:
+    """How a method that shortens the sequence numbers it in this model's family: ``"renumber"`` (0.. in order,
+    as the references of PyramidDrop and DivPrune rebuild ``position_ids`` on LLaVA's 1-D RoPE), or
+    ``"original"`` for a family whose positions the model computes from the image grids (M-RoPE, Qwen2-VL /
+    Qwen2.5-VL / Qwen3-VL: the adapter's `renumber_refused`): there a shorter sequence's positions are its
+    tokens' own gathered (t, h, w) positions -- renumbering would give all three axes one 1-D index and erase
+    the image grid of the tokens that stay (a public port of VisionZip to Qwen2-VL, Hanjiangli/VisionZip-Qwen2VL,
+    gathers the kept tokens' 3-D ``position_ids`` the same way)."""
+    from ...adapters import adapter_for
+
+    return "original" if adapter_for(model).renumber_refused else "renumber"
+
+
 def install(model: nn.Module, spec: Any, stages: Sequence[Stage], rule: Rule, positions: str) -> nn.Module:
     """Retrofit `model` in place with the staged decision of `spec`; ``mllm_mod.unload`` undoes it."""
     from ...adapters import adapter_for
@@ -167,7 +196,7 @@ def install(model: nn.Module, spec: Any, stages: Sequence[Stage], rule: Rule, po
     layers = adapter_for(model).layers(model)
     config = staged_config(spec.method, len(layers), stages, positions)
     retrofit(model, config)
-    decision = StagedDecision(spec, stages, rule)
+    decision = StagedDecision(spec, stages, rule, positions)
     mod = mod_layer_map(model)
     for idx, layer in mod.items():
         stage = max(s for s, st in enumerate(stages) if st.start <= idx)

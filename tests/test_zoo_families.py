@@ -1,0 +1,114 @@
+"""The training-free methods on InternVL (tiles, Qwen2 decoder) and Qwen2.5-VL (dynamic resolution, M-RoPE)
+tiny models of the real classes: each method's kept tokens and KV entries per layer (measured == accounted,
+different vision counts per sample, left padding), a left-padded batch == each sample alone and cached ==
+uncached generation on the logits; on Qwen2.5-VL the shortened sequence keeps its tokens' gathered M-RoPE
+positions (DivPrune pinned against the stock decoder run on the shortened embeddings at the gathered 3-D
+position ids); VisionZip refused with its reason (tests/test_zoo_visionzip.py)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from logits import assert_batch_equals_single, assert_cached_equals_uncached, assert_logits_close
+from test_families import SAMPLES, family_inputs
+from test_qwen_vl import qwen_inputs
+
+import mllm_mod
+from mllm_mod.cache import MoDCacheLayer
+from mllm_mod.compat import output_cache
+from mllm_mod.eval.baselines import apply_baseline
+from mllm_mod.eval.zoo import DARTSpec, DivPruneSpec, PDropSpec, VTWSpec
+from mllm_mod.tiny import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = ["internvl", "qwen2_5_vl"]
+DART = DARTSpec(pruned_layer=2, reduction_ratio=0.5, pivot_image_token=2, pivot_text_token=2)
+METHODS = {"fastv": "fastv", "random": "random", "pdrop": PDropSpec((1, 2, 3), 0.5), "vtw": VTWSpec(2),
+           "divprune": DivPruneSpec(0.3), "dart": DART}  # fmt: skip
+GENERATION = [(f, m) for f in FAMILIES for m in METHODS]  # ~0.4 s each
+
+
+def inputs_of(family: str, processor, samples=None) -> dict:
+    if family == "internvl":
+        return family_inputs(processor, family) if samples is None else family_inputs(processor, family, samples)
+    return qwen_inputs(processor) if samples is None else qwen_inputs(processor, samples)
+
+
+def alone_of(family: str, processor) -> list[dict]:
+    if family == "internvl":
+        return [family_inputs(processor, family, [s]) for s in SAMPLES]
+    return [qwen_inputs(processor, (i,)) for i in range(3)]
+
+
+def expected_vision(method: str, n: int) -> list[int]:
+    """Vision tokens each of the 4 layers keeps for a sample of n (the rules' counts)."""
+    return {
+        "fastv": [n, n] + [int(n * 0.5)] * 2,
+        "random": [n, n] + [int(n * 0.5)] * 2,
+        "pdrop": [n] + [int(n * 0.5**s) for s in (1, 2, 3)],
+        "vtw": [n, n, 0, 0],
+        "divprune": [round(0.3 * n)] * 4,
+        "dart": [n, n] + [min(n, 2 + 4 * int(n * 0.5 / 4))] * 2,
+    }[method]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_kept_tokens_and_kv_entries_per_family(family, method):
+    model, processor = tiny_model(family, num_layers=4)
+    apply_baseline(model, METHODS[method])
+    report = mllm_mod.efficiency(model, inputs_of(family, processor))
+    assert report.accounting_matches, report.mismatches
+    assert len(set(report.n_vision)) > 1
+    for b, (t, v) in enumerate(zip(report.n_text, report.n_vision)):
+        assert [k[b] for k in report.kept_per_layer] == [t + k for k in expected_vision(method, v)]
+
+
+@pytest.mark.parametrize(("family", "method"), GENERATION)
+def test_batch_equals_single_and_cached_equals_uncached_per_family(family, method):
+    model, processor = tiny_model(family, num_layers=4)
+    apply_baseline(model, METHODS[method])
+    batch = inputs_of(family, processor)
+    assert_batch_equals_single(model, batch, alone_of(family, processor), 3, f"left-padded batch == alone ({method}, {family})")
+    assert_cached_equals_uncached(model, batch, 3, f"cached == uncached ({method}, {family})")
+
+
+def rope_index(model, inputs: dict) -> torch.Tensor:
+    """[3, B, T] the model's own M-RoPE position ids of the prompt (the signature changed across releases)."""
+    wanted = inspect.signature(model.model.get_rope_index).parameters
+    kwargs = {k: v for k, v in inputs.items() if k in wanted and k != "input_ids"}
+    return model.model.get_rope_index(inputs["input_ids"], **kwargs)[0]
+
+
+def test_divprune_on_qwen_is_the_shorter_sequence_at_gathered_mrope_positions():
+    """DivPrune on Qwen2.5-VL: the kept set is the reference's greedy subset, and the logits equal the stock
+    decoder on text + the kept tokens' embeddings at their own (t, h, w) positions, gathered from the model's
+    3-D position ids of the whole prompt."""
+    from mllm_mod.eval.zoo.divprune import max_min_subset
+
+    model, processor = tiny_model("qwen2_5_vl", num_layers=4, attn="eager", seed=3)
+    inputs = qwen_inputs(processor, (2,))
+    vision_id = model.config.image_token_id
+    with torch.no_grad():
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0]  # [1, T, D] after the image scatter
+        positions = rope_index(model, inputs)  # [3, 1, T]
+    ids = inputs["input_ids"][0]
+    vision = (ids == vision_id).nonzero()[:, 0]
+    chosen = max_min_subset(embeds[0, vision], round(0.3 * len(vision)))
+    kept = sorted(vision[chosen].tolist())
+    present = torch.tensor(sorted(set(range(len(ids))) - set(vision.tolist()) | set(kept)))
+    with torch.no_grad():
+        h = model.model.language_model(inputs_embeds=embeds[:, present], position_ids=positions[:, :, present]).last_hidden_state
+        logits_ref = model.lm_head(h[:, -1])
+    apply_baseline(model, DivPruneSpec(0.3))
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    cache = output_cache(out)
+    for i in range(4):
+        entry = cache.layers[i]
+        assert isinstance(entry, MoDCacheLayer)
+        assert [p for p in entry.index[0][entry.filled[0]].tolist() if p in set(vision.tolist())] == kept
+    assert_logits_close(out.logits[:, -1], logits_ref, "divprune on Qwen2.5-VL == stock decoder at gathered M-RoPE positions")
