@@ -112,3 +112,22 @@ def test_divprune_on_qwen_is_the_shorter_sequence_at_gathered_mrope_positions():
         assert isinstance(entry, MoDCacheLayer)
         assert [p for p in entry.index[0][entry.filled[0]].tolist() if p in set(vision.tolist())] == kept
     assert_logits_close(out.logits[:, -1], logits_ref, "divprune on Qwen2.5-VL == stock decoder at gathered M-RoPE positions")
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_dart_pivots_do_not_move_with_left_padding(family):
+    """A left-padded forward without position_ids (a batched loglikelihood) keeps DART's key norms at each
+    sample's own positions: every row's last logits equal the sample's alone."""
+    from conftest import PROMPTS, make_images, make_inputs
+
+    model, processor = tiny_model(family, num_layers=4)
+    apply_baseline(model, DART)
+    if family == "llava":
+        batch = make_inputs(processor, n=2)
+        alone = [processor(images=[make_images()[i]], text=[PROMPTS[i]], return_tensors="pt") for i in range(2)]
+    else:
+        batch, alone = inputs_of(family, processor), alone_of(family, processor)
+    with torch.no_grad():
+        last = model(**batch).logits[:, -1]
+        for i, one in enumerate(alone):
+            assert_logits_close(last[i : i + 1], model(**one).logits[:, -1], f"dart forward, left padding ({family})")
