@@ -143,3 +143,24 @@ def test_visionzip_budget_names_and_paper_settings():
     spec = matched_spec("visionzip", shape, 64, 576, ratios)
     assert abs(spec_cost(shape, spec, 64, 576) - target) < 0.02 * target
     assert spec.contextual == round(spec.retained * 10 / 64)
+
+
+def test_visionzip_through_the_plugin_and_the_command_line(tmp_path):
+    import argparse
+
+    from mllm_mod.commands import eval as eval_cmd
+    from mllm_mod.eval.lmms_plugin import MoDLMM
+    from mllm_mod.eval.report import ModelResult
+
+    parser = argparse.ArgumentParser()
+    eval_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["eval", str(tmp_path), "--suite", "synthetic", "--out", str(tmp_path / "o"), "--preset", "visionzip",
+                              "--dominant", "108", "--contextual", "20", "--compare", "dense"])  # fmt: skip
+    specs = {s.name: s.model_args for s in eval_cmd.specs_from_args(args)}
+    assert specs["visionzip"]["dominant"] == 108 and specs["visionzip"]["contextual"] == 20
+    assert ModelResult("visionzip", (), {}, {}, specs["visionzip"]).label == "visionzip (dominant=108, contextual=20)"
+    model, processor = tiny_model("llava", num_layers=4)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    lm = MoDLMM(pretrained=str(tmp_path), preset="visionzip", device="cpu", dtype="float32")  # the paper's 54 + 10
+    assert drop_decision(lm.model).spec == VisionZipSpec()
