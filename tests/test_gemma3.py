@@ -43,7 +43,7 @@ def prompt(sample: int) -> list[int]:
     """``<bos> text <start_of_image> <image>*16 <end_of_image> ... text``, Gemma 3's processor layout."""
     before, images, after = LAYOUTS[sample]
     gen = torch.Generator().manual_seed(100 + sample)
-    text = lambda n: torch.randint(4, 60, (n,), generator=gen).tolist()  # noqa: E731  (ids below the specials)
+    text = lambda n: torch.randint(4, 60, (n,), generator=gen).tolist()  # ids below the specials
     ids = [GEMMA3_TOKENS["bos"], *text(before)]
     for between in images:
         ids += text(between or 0) + [GEMMA3_TOKENS["boi"], *[GEMMA3_TOKENS["image"]] * IMAGE_TOKENS, GEMMA3_TOKENS["eoi"]]

@@ -71,10 +71,11 @@ def image_blocks(inputs: Mapping[str, Any] | None, chunk: torch.Tensor | None) -
 
 
 def _cache_of(inputs: Mapping[str, Any]) -> Any:
-    """The cache among a model call's bound arguments, under either name, named or in ``**kwargs``."""
-    extra = inputs.get("kwargs") or {}
+    """The cache among a model call's bound arguments, under either name, as a parameter or in the ``**kwargs``
+    catch-all (whatever the release calls it: ``kwargs``, ``lm_kwargs``)."""
+    sources = [inputs, *(v for v in inputs.values() if isinstance(v, Mapping))]
     for name in ("cache", "past_key_values"):
-        for source in (inputs, extra):
+        for source in sources:
             if source.get(name) is not None:
                 return source[name]
     return None
