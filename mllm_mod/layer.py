@@ -334,10 +334,11 @@ class MoDLayer(nn.Module):
         if checkpointing:
             past_key_values = None  # as the stock layers do: no cache under gradient checkpointing
         cache_layer = mod_cache_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
-        if isinstance(cache_layer, StaticMoDCacheLayer) and self.window is not None:
+        if isinstance(cache_layer, StaticMoDCacheLayer) and self.window is not None and cache_layer.max_cache_len > self.window:
             raise NotImplementedError(
-                f"MoD layer {self.layer_idx} has a {self.window}-token sliding window: a static MoD cache keeps no "
-                "window (its fixed-shape decoding step attends every slot); use the default dynamic cache"
+                f"MoD layer {self.layer_idx} has a {self.window}-token sliding window, shorter than the static cache "
+                f"({cache_layer.max_cache_len}): a static MoD cache keeps no window (its fixed-shape decoding step "
+                "attends every slot); use the default dynamic cache"
             )
         if isinstance(cache_layer, StaticMoDCacheLayer) and cache_layer.allocated:  # decoding with fixed shapes
             return self._static_step(x, position_ids, position_embeddings, mod_routing, cache_layer, past_key_values, kwargs)

@@ -320,3 +320,18 @@ def test_profile_config_only_gemma_3_4b(capsys):
     assert "34 layers, 256 vision + 64 text tokens" in out
     assert f"| prefill TFLOPs / sample | {dense.tflops:.3f} | {mod.tflops:.3f} |" in out
     assert 0.55 < mod.kv_bytes / dense.kv_bytes < 0.7 and 0.55 < mod.tflops / dense.tflops < 0.7
+
+
+def test_a_hand_built_static_mod_cache_refuses_a_window_that_could_bite():
+    """The core rule behind the refusal, on any family: a MoD layer with a sliding window shorter than a static
+    MoD cache (here Mistral's, in `static_mod_cache`) raises instead of decoding without the window."""
+    from conftest import make_inputs
+
+    from mllm_mod.tiny import tiny_model
+
+    model, processor = tiny_model("llava_next", num_layers=4, attn="sdpa", decoder="mistral", sliding_window=24)
+    mllm_mod.retrofit(model, "pmod")
+    inputs = dict(make_inputs(processor, 1))
+    cache = static_mod_cache(model, inputs["input_ids"].shape[1], 2)
+    with pytest.raises(NotImplementedError, match="24-token sliding window, shorter than the static cache"), torch.no_grad():
+        model(**inputs, **mllm_mod.compat.cache_kwargs(cache, type(model)), use_cache=True)
