@@ -131,3 +131,21 @@ def test_dart_pivots_do_not_move_with_left_padding(family):
         last = model(**batch).logits[:, -1]
         for i, one in enumerate(alone):
             assert_logits_close(last[i : i + 1], model(**one).logits[:, -1], f"dart forward, left padding ({family})")
+
+
+def test_pdrop_on_qwen_ranks_with_the_layers_own_mrope_attention():
+    """PyramidDrop's first boundary on Qwen2.5-VL: the kept set is the top int(n * lambda) image tokens by the
+    head-mean attention from the last token in the stock layer b_1 itself (eager attention maps at the model's
+    M-RoPE positions: nothing is pruned before b_1)."""
+    model, processor = tiny_model("qwen2_5_vl", num_layers=4, attn="eager", seed=3)
+    inputs = qwen_inputs(processor, (2,))
+    with torch.no_grad():
+        maps = model(**inputs, output_attentions=True).attentions[1][0, :, -1]  # [H, T] layer 1, last token
+    ids = inputs["input_ids"][0]
+    vision = (ids == model.config.image_token_id).nonzero()[:, 0]
+    scores = maps.mean(0)[vision]
+    kept = sorted(vision[scores.topk(int(len(vision) * 0.5)).indices].tolist())
+    apply_baseline(model, PDropSpec((1, 2, 3), 0.5))
+    with torch.no_grad():
+        entry = output_cache(model(**inputs, use_cache=True)).layers[1]
+    assert [p for p in entry.index[0][entry.filled[0]].tolist() if p in set(vision.tolist())] == kept

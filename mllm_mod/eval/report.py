@@ -94,10 +94,12 @@ def markdown(results: list[ModelResult], meta: dict[str, Any] | None = None) -> 
         limit = f", limit {meta['limit']} per task" if meta.get("limit") else ""
         lines += [
             "",
-            f"Suite `{meta.get('suite')}`{limit}; efficiency measured on the evaluated batches (decoder prefill). "
-            "Side TFLOPs: what a training-free method computes outside the decoder layers to choose its tokens "
-            "(ranking rows, distances, similarities, VisionZip's vision-side attention row and merge), reported "
-            "apart from the prefill TFLOPs, not in them.",
+            (
+                f"Suite `{meta.get('suite')}`{limit}; efficiency measured on the evaluated batches (decoder prefill). "
+                "Side TFLOPs: what a training-free method computes outside the decoder layers to choose its tokens "
+                "(ranking rows, distances, similarities, VisionZip's vision-side attention row and merge), reported "
+                "apart from the prefill TFLOPs, not in them."
+            ),
         ]
     return "\n".join(lines) + "\n"
 
