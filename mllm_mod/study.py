@@ -15,7 +15,11 @@ learning rate, warm-up, frozen vision tower, router learning rate where there ar
   (`SeededRandomRouter`): what the learned router adds over "skip the same number at random";
 - ``fastv_ft``: FastV pruning (`mllm_mod.eval.baselines`) active during the extra training, at pmod's
   prefill TFLOPs;
-- training-free ``fastv`` and ``random_drop`` on the ``dense`` arm's weights, at pmod's TFLOPs.
+- training-free ``fastv`` and ``random_drop`` on the ``dense`` arm's weights, at pmod's TFLOPs;
+- every method of the training-free zoo (`mllm_mod.eval.zoo.ZOO`: PyramidDrop, VTW, DivPrune, DART, and any
+  method added there later) on the ``dense`` arm's weights, at the budget whose prefill TFLOPs come closest
+  to pmod's (`mllm_mod.eval.zoo.matching`); a method whose budgets cannot reach pmod's TFLOPs on this model
+  runs at its closest budget and is reported as not matched, with its measured ratio.
 
 Each arm answers the held-out questions (greedy first answer token) and the same questions on a blank
 picture (the control: a model that reads the picture falls to chance there); prefill TFLOPs and KV
@@ -42,20 +46,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from .eval.zoo import ZOO
+
 TRAINED_ARMS = ("dense", "pmod", "pmod_c50", "pmod_c30", "gmod", "random_routing", "fastv_ft")
-TRAINING_FREE_ARMS = ("fastv", "random_drop")
+ZOO_ARMS = tuple(ZOO)  # the zoo's registry: a method added there becomes an arm
+TRAINING_FREE_ARMS = ("fastv", "random_drop", *ZOO_ARMS)
 ARMS = (*TRAINED_ARMS, *TRAINING_FREE_ARMS)
 RESULTS_NAME, TABLE_NAME, PARETO_NAME, PATCHES_NAME = "results.json", "study.md", "pareto.png", "patches.png"
 PICTURE_ARMS = ("pmod", "random_routing")
 BASE_SAVE_STEPS = 100  # the base run's checkpoint interval (what an interrupted study resumes from)
+MATCH_TOLERANCE = 0.01  # a training-free arm is "at pmod's TFLOPs" when its predicted ratio is within this of pmod's
 
 
 @dataclass
 class StudySettings:
-    """Sizes of one study. The defaults are the full study (3 seeds, about 40-50 min on 2 CPU cores):
-    the `count` family only, the one family a base learned within the budget (on seed 0 of 2; the other
-    localised families stayed at chance: docs/FIDELITY.md, "Diagnosis"); `quick` is the smoke run over every
-    family. Counts of questions are per family."""
+    """Sizes of one study. The defaults are the full study (3 seeds, about 45 min on 2 CPU cores):
+    the `count` family only, the one family a base learned within the budget (the other localised
+    families stayed at chance: docs/FIDELITY.md, "Diagnosis"), with v3's base learning rate 5e-4 (at v2's
+    2e-3 the base left the answer prior on one seed of three); `quick` is the smoke run over every family.
+    Counts of questions are per family."""
 
     n_train: int = 1200  # training questions per family
     n_test: int = 500  # held-out questions per family
@@ -66,12 +75,12 @@ class StudySettings:
     num_layers: int = 4
     hidden_size: int = 64
     base_epochs: float = 8.0
-    base_lr: float = 2e-3
+    base_lr: float = 5e-4  # v3 (v2: 2e-3, which left the prior on seed 0 only: docs/FIDELITY.md, "Diagnosis")
     base_batch_size: int | None = 8  # the base run's batch (None: `batch_size`, the arms' batch)
     base_max_grad_norm: float = 1.0  # the base run's gradient clipping (0: unclipped)
     init_range: float = 0.02  # the decoder's initializer_range (std of its random init)
     extra_epochs: float = 1.5
-    extra_lr: float = 1e-3
+    extra_lr: float = 5e-4  # v3: the base's peak (v2: 1e-3)
     router_lr: float = 1e-2
     warmup_ratio: float = 0.03
     batch_size: int = 32
@@ -204,22 +213,77 @@ def pmod_ratios(num_layers: int) -> list[float]:
     return [chosen.get(i, 1.0) for i in range(num_layers)]
 
 
-def matched_prune_ratio(shape, n_text: float, n_vision: int, layer: int, target_ratios: Sequence[float]) -> float:
-    """FastV's R (the fraction of vision tokens pruned from layer K on) whose prefill cost
-    (`mllm_mod.flops.prefill_cost`, the accounting `efficiency` checks) is closest to the cost at
-    `target_ratios` (pmod's), for a sample of `n_text` text and `n_vision` vision tokens."""
+@dataclass(frozen=True)
+class FastVBudget:
+    """FastV's budget in the zoo's spec interface (`stages`, `kept_vision`), so that its cost is priced by
+    the same `mllm_mod.eval.zoo.matching.spec_cost` as every zoo method: layers ``0 .. prune_layer - 1``
+    see every vision token, the later ones `kept` of them."""
+
+    prune_layer: int
+    kept: int
+    method: str = "fastv"
+
+    def stages(self, num_layers: int) -> list[Any]:
+        from .eval.zoo.staged import Stage
+
+        return [Stage(self.prune_layer, float("nan"))]  # the nominal ratio is not used for pricing
+
+    def kept_vision(self, num_layers: int, n_vision: int) -> list[int]:
+        return [n_vision if i < self.prune_layer else self.kept for i in range(num_layers)]
+
+    def prune_ratio(self, n_vision: int) -> float:
+        """FastV's R: keep ``(kept + 0.5) / n``, so that ``trunc(keep * n) = kept`` exactly in float32."""
+        return 1.0 - (self.kept + 0.5) / n_vision
+
+    def label(self) -> str:
+        return f"K={self.prune_layer}, kept={self.kept}"
+
+    def budget(self) -> dict[str, object]:
+        return {"prune_layer": self.prune_layer, "kept": self.kept}
+
+
+def tflops_target(shape, n_text: float, n_vision: int, target_ratios: Sequence[float]) -> tuple[int, int]:
+    """(decoder FLOPs at `target_ratios`, dense decoder FLOPs) of one sample, `mllm_mod.flops.prefill_cost`."""
     from .flops import prefill_cost
 
     text = round(n_text)
-    target = prefill_cost(shape, list(target_ratios), text, n_vision).decoder_flops
-    routed = [False] * layer + [True] * (shape.layers - layer)
+    layers = len(target_ratios)
+    return (prefill_cost(shape, list(target_ratios), text, n_vision).decoder_flops,
+            prefill_cost(shape, [1.0] * layers, text, n_vision).decoder_flops)  # fmt: skip
 
-    def cost(k: int) -> int:
-        ratios = [1.0] * layer + [(k + 0.5) / n_vision] * (shape.layers - layer)
-        return prefill_cost(shape, ratios, text, n_vision, mod_layers=routed).decoder_flops
 
-    best = min(range(1, n_vision), key=lambda k: abs(cost(k) - target))
-    return 1.0 - (best + 0.5) / n_vision  # keep (k + 0.5) / n: trunc(keep * n) = k exactly in float32
+def matched_fastv(shape, n_text: float, n_vision: int, layer: int, target_ratios: Sequence[float]) -> FastVBudget:
+    """FastV's budget at pruning layer `layer` whose prefill cost is closest to the cost at `target_ratios`
+    (pmod's). The cost is the zoo's (`matching.spec_cost`), so FastV and the zoo's arms are matched to pmod
+    by one accounting; `matching.matched_spec` itself searches only the zoo's methods, so the study passes
+    FastV's candidates (every kept count 1 .. n - 1) to the same cost here."""
+    from .eval.zoo.matching import spec_cost
+
+    target, _ = tflops_target(shape, n_text, n_vision, target_ratios)
+    text = round(n_text)
+    options = [FastVBudget(layer, k) for k in range(1, n_vision)]
+    return min(options, key=lambda spec: abs(spec_cost(shape, spec, text, n_vision) - target))
+
+
+def matched_prune_ratio(shape, n_text: float, n_vision: int, layer: int, target_ratios: Sequence[float]) -> float:
+    """FastV's R (the fraction of vision tokens pruned from layer K on) at pmod's prefill cost (`matched_fastv`)."""
+    return matched_fastv(shape, n_text, n_vision, layer, target_ratios).prune_ratio(n_vision)
+
+
+def budget_match(shape, spec: Any, n_text: float, n_vision: int, target_ratios: Sequence[float]) -> dict[str, Any]:
+    """How close `spec`'s predicted prefill cost comes to pmod's: both as ratios of the dense cost, and
+    whether they agree within `MATCH_TOLERANCE` (a method whose budgets cannot reach pmod's cost on this
+    model is reported as not matched, never dropped)."""
+    from .eval.zoo.matching import spec_cost
+
+    target, dense = tflops_target(shape, n_text, n_vision, target_ratios)
+    predicted = spec_cost(shape, spec, round(n_text), n_vision) / dense
+    return {
+        "method": spec.method, "label": spec.label(),
+        "budget": spec.budget() if hasattr(spec, "budget") else dataclasses.asdict(spec),
+        "predicted_tflops_ratio": predicted, "target_tflops_ratio": target / dense,
+        "matched": abs(predicted - target / dense) <= MATCH_TOLERANCE,
+    }  # fmt: skip
 
 
 # -- data and evaluation -----------------------------------------------------------------------------
@@ -450,6 +514,9 @@ class Study:
             bar = tqdm(total=len(todo), desc="study (seed, arm)", unit="arm")
             for seed, arm in todo:
                 bar.set_postfix_str(f"seed {seed} {arm}")
+                if self.done(seed, arm):  # written meanwhile (e.g. by another process running one seed)
+                    bar.update(1)
+                    continue
                 self.base(seed, meta)
                 result = self.run_arm(seed, arm, processor, eval_set)
                 path = self.arm_path(seed, arm)
@@ -498,13 +565,11 @@ class Study:
             save_steps=BASE_SAVE_STEPS, save_total_limit=1, resume=resume,
         )  # fmt: skip
 
-    def prune_ratio(self, eval_set: EvalSet, model: nn.Module) -> float:
+    def shape(self, model: nn.Module):
         from .adapters import adapter_for
         from .flops import DecoderShape
 
-        shape = DecoderShape.from_config(adapter_for(model).text_config(model.config))
-        ratios = pmod_ratios(self.settings.num_layers)
-        return matched_prune_ratio(shape, eval_set.n_text, eval_set.n_vision, self.settings.fastv_layer, ratios)
+        return DecoderShape.from_config(adapter_for(model).text_config(model.config))
 
     def run_arm(self, seed: int, arm: str, processor, eval_set: EvalSet) -> dict[str, Any]:
         from transformers import AutoModelForImageTextToText
@@ -521,8 +586,11 @@ class Study:
             raise FileNotFoundError(f"{arm} runs on the dense arm's weights; {dense_dir} is missing (run the dense arm)")
         model = AutoModelForImageTextToText.from_pretrained(source)
         info: dict[str, Any] = {"arm": arm, "seed": seed}
-        prune_ratio = self.prune_ratio(eval_set, model)
-        fastv = {"prune_layer": s.fastv_layer, "prune_ratio": prune_ratio, "seed": seed}
+        shape, ratios = self.shape(model), pmod_ratios(s.num_layers)
+        fastv_budget = matched_fastv(shape, eval_set.n_text, eval_set.n_vision, s.fastv_layer, ratios)
+        fastv = {"prune_layer": s.fastv_layer, "prune_ratio": fastv_budget.prune_ratio(eval_set.n_vision), "seed": seed}
+        if arm in ("fastv_ft", "fastv", "random_drop"):
+            info["budget"] = budget_match(shape, fastv_budget, eval_set.n_text, eval_set.n_vision, ratios)
         if arm in ("pmod", "pmod_c50", "pmod_c30"):
             layers = [i for i, r in enumerate(pmod_ratios(s.num_layers)) if r < 1.0]
             overrides = {} if arm == "pmod" else {"schedule": "constant", "layers": layers, "ratio": {"pmod_c50": 0.5, "pmod_c30": 0.3}[arm]}
@@ -546,6 +614,13 @@ class Study:
         elif arm == "random_drop":
             apply_baseline(model, DropSpec.from_fields("random", **fastv))
             info["fastv"] = fastv
+        elif arm in ZOO_ARMS:
+            from .eval.zoo import apply_zoo
+            from .eval.zoo.matching import matched_spec
+
+            spec = matched_spec(arm, shape, eval_set.n_text, eval_set.n_vision, ratios)
+            info["budget"] = budget_match(shape, spec, eval_set.n_text, eval_set.n_vision, ratios)
+            apply_zoo(model, spec)
         if arm in TRAINED_ARMS:
             config = train_config(
                 s, str(base_dir), str(self.data_dir / "train.json"), str(self.data_dir), str(self.seed_dir(seed) / "runs" / arm),
@@ -660,7 +735,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "tflops_ratio": statistics.fmean(r["tflops_ratio"] for r in runs),
         "kv_ratio": statistics.fmean(r["kv_ratio"] for r in runs),
         "seeds": [
-            {k: r.get(k) for k in ("seed", "accuracy", "per_family", "blank_control", "tflops_ratio", "kv_ratio", "accounting_matches", "fastv", "arank_mod_layers", "train")}
+            {k: r.get(k) for k in ("seed", "accuracy", "per_family", "blank_control", "tflops_ratio", "kv_ratio", "accounting_matches", "fastv", "budget", "arank_mod_layers", "train")}
             for r in runs
         ],
     }  # fmt: skip
@@ -673,18 +748,29 @@ def study_table(results: dict[str, Any]) -> str:
     arms = results["arms"]
     chance = results["settings"]["chance"]
     families = sorted(chance)
-    header = ("arm", "seeds", "mean acc", *families, "blank control", "TFLOPs ratio", "KV ratio")
-    rows = [header, ("chance", "", f"{results['settings']['mean_chance']:.3f}", *(f"{chance[f]:.3f}" for f in families), "", "", "")]
+    header = ("arm", "seeds", "mean acc", *families, "blank control", "TFLOPs ratio", "KV ratio", "budget (training-free / FastV)")
+    rows = [header, ("chance", "", f"{results['settings']['mean_chance']:.3f}", *(f"{chance[f]:.3f}" for f in families), "", "", "", "")]
+    unmatched = []
     for name, arm in arms.items():
         fam = arm["per_family"]
+        budget = arm["seeds"][0].get("budget") if arm["seeds"] else None
+        note = ""
+        if budget:
+            note = budget["label"]
+            if not budget["matched"]:
+                note += f" (closest budget: cannot reach pmod's TFLOPs, x{budget['predicted_tflops_ratio']:.3f} vs x{budget['target_tflops_ratio']:.3f})"
+                unmatched.append(name)
         rows.append((
             name, str(len(arm["seeds"])), f"{arm['accuracy_mean']:.3f} ± {arm['accuracy_std']:.3f}",
             *(f"{fam[f]['mean']:.3f} ± {fam[f]['std']:.3f}" for f in families),
             "" if arm["blank_control"] is None else f"{arm['blank_control']:.3f}",
-            f"{arm['tflops_ratio']:.3f}", f"{arm['kv_ratio']:.3f}",
+            f"{arm['tflops_ratio']:.3f}", f"{arm['kv_ratio']:.3f}", note,
         ))  # fmt: skip
     status = "complete" if results.get("complete") else "PARTIAL (not every arm has every seed)"
-    return f"Study {status}; accuracy mean ± std over seeds.\n\n" + markdown_table(rows)
+    text = f"Study {status}; accuracy mean ± std over seeds.\n\n" + markdown_table(rows)
+    if unmatched:
+        text += f"\n\nNot at pmod's TFLOPs (no budget of the method reaches it on this model): {', '.join(unmatched)}."
+    return text
 
 
 def pareto_plot(results: dict[str, Any], path: str) -> None:
@@ -820,4 +906,7 @@ def run(out: str, settings: StudySettings | None = None) -> dict[str, Any]:
     return Study(out, settings or StudySettings()).run()
 
 
-__all__ = ["ARMS", "SeededRandomRouter", "Study", "StudySettings", "apply_random_routing", "matched_prune_ratio", "run"]
+__all__ = [
+    "ARMS", "ZOO_ARMS", "FastVBudget", "SeededRandomRouter", "Study", "StudySettings", "apply_random_routing",
+    "budget_match", "matched_fastv", "matched_prune_ratio", "pmod_ratios", "run",
+]  # fmt: skip

@@ -13,10 +13,16 @@ from mllm_mod.efficiency import efficiency
 from mllm_mod.flops import DecoderShape, prefill_cost
 from mllm_mod.study import (
     ARMS,
+    MATCH_TOLERANCE,
+    TRAINING_FREE_ARMS,
+    ZOO_ARMS,
+    FastVBudget,
     SeededRandomRouter,
     Study,
     StudySettings,
     apply_random_routing,
+    budget_match,
+    matched_fastv,
     matched_prune_ratio,
     pmod_ratios,
 )
@@ -117,6 +123,32 @@ def test_fastv_prune_ratio_matches_pmods_prefill_cost():
         target = prefill_cost(shape, ratios, round(n_text), n_vision).decoder_flops
         assert abs(cost(keep) - target) <= min(abs(cost(keep - 1) - target), abs(cost(keep + 1) - target))
         assert abs(cost(keep) - target) / target < 0.01
+        # one accounting: the zoo's spec_cost prices FastV's budget exactly as the MoD-ratio formula above
+        from mllm_mod.eval.zoo.matching import spec_cost
+
+        budget = matched_fastv(shape, n_text, n_vision, layer=1, target_ratios=ratios)
+        assert budget == FastVBudget(1, keep)
+        for k in (keep - 1, keep, keep + 1):
+            assert spec_cost(shape, FastVBudget(1, k), round(n_text), n_vision) == cost(k)
+        assert budget_match(shape, budget, n_text, n_vision, ratios)["matched"]
+
+
+def test_every_zoo_method_is_a_training_free_arm_at_its_closest_budget():
+    from mllm_mod.eval.zoo import ZOO
+    from mllm_mod.eval.zoo.matching import matched_spec, spec_cost
+
+    assert set(ZOO) <= set(ARMS) and set(ZOO_ARMS) == set(ZOO) and set(ZOO) <= set(TRAINING_FREE_ARMS)
+    model, _ = tiny_model("llava", num_layers=4, seed=0, hidden_size=64, intermediate_size=128)
+    shape = DecoderShape.from_config(model.config.text_config)
+    ratios = pmod_ratios(4)
+    dense = prefill_cost(shape, [1.0] * 4, 11, 144).decoder_flops
+    for method in ZOO:
+        spec = matched_spec(method, shape, 11.0, 144, ratios)
+        match = budget_match(shape, spec, 11.0, 144, ratios)
+        assert match["method"] == method and match["label"] == spec.label()
+        assert match["predicted_tflops_ratio"] == pytest.approx(spec_cost(shape, spec, 11, 144) / dense)
+        gap = abs(match["predicted_tflops_ratio"] - match["target_tflops_ratio"])
+        assert match["matched"] == (gap <= MATCH_TOLERANCE)  # an unreachable budget is reported, not hidden
 
 
 def test_settings_are_checked_and_loaded_from_yaml(tmp_path):
@@ -158,11 +190,21 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     assert arms["random_routing"]["tflops_ratio"] == pytest.approx(arms["pmod"]["tflops_ratio"])
     for name in ("fastv", "fastv_ft", "random_drop"):
         assert arms[name]["tflops_ratio"] == pytest.approx(arms["pmod"]["tflops_ratio"], abs=0.01)
+    # every zoo method ran as a training-free arm; its measured cost is its budget's predicted cost, and a
+    # method that cannot reach pmod's TFLOPs says so
+    for name in (*ZOO_ARMS, "fastv", "fastv_ft", "random_drop"):
+        budget = arms[name]["seeds"][0]["budget"]
+        assert budget["method"] == ("fastv" if name in ("fastv", "fastv_ft", "random_drop") else name)
+        assert arms[name]["tflops_ratio"] == pytest.approx(budget["predicted_tflops_ratio"], abs=0.02)
+        if budget["matched"]:
+            assert arms[name]["tflops_ratio"] == pytest.approx(arms["pmod"]["tflops_ratio"], abs=0.02)
+        else:
+            assert "cannot reach pmod's TFLOPs" in (tmp_path / "study.md").read_text()
     # equal training: every trained arm ran the same number of steps with the vision tower frozen
     trained = [arms[a]["seeds"][0]["train"] for a in ("dense", "pmod", "pmod_c50", "pmod_c30", "gmod", "random_routing", "fastv_ft")]
     assert len({t["global_step"] for t in trained}) == 1 and trained[0]["global_step"] > 0
     assert len({t["trainable"]["frozen"] for t in trained}) == 1
-    assert arms["fastv"]["seeds"][0]["train"] is None
+    assert all(arms[a]["seeds"][0]["train"] is None for a in TRAINING_FREE_ARMS)
     for name in ("study.md", "pareto.png", "patches.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "| pmod | 1 |" in (tmp_path / "study.md").read_text()
