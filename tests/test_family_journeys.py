@@ -29,6 +29,7 @@ from PIL import Image
 
 import mllm_mod
 from mllm_mod.data import IGNORE_INDEX, Collator, ConversationDataset, DataOptions
+from mllm_mod.efficiency import efficiency
 from mllm_mod.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,7 +69,7 @@ def world(tmp_path_factory):
     generate(root / "synth", 8, seed=0, only=["color", "count"], progress=False)
     tasks = write_tasks(root / "eval", n=len(DOC_SIZES))
     vary_documents(root / "eval")
-    words = [*vocabulary(), *eval_vocabulary(), "word"]
+    words = [*vocabulary(), *eval_vocabulary(), "word", "seconds", "00", "01", "02"]  # + the clips' timestamps
     bases: dict[str, object] = {}
 
     def base(family: str):
@@ -213,6 +214,29 @@ def reference_scoring(model, processor, image, question: str, choice: str) -> tu
     return ids, logits, float(-logp[-n:].gather(1, ids[1:][-n:, None]).sum())
 
 
+def record_scoring(lm) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[bool]]:
+    """Record, while the plugin scores loglikelihood batches, every row's (real ids [T], logits [T, V]) and,
+    per forward, whether its rows had different lengths (left padding)."""
+    scored: list[tuple[torch.Tensor, torch.Tensor]] = []
+    padded: list[bool] = []
+    score_batch = lm.score_batch
+
+    def keep(module, args, kwargs, out):
+        padded.append(bool((~kwargs["attention_mask"].bool()).any()))
+        for row, mask, logits in zip(kwargs["input_ids"], kwargs["attention_mask"].bool(), out.logits):
+            scored.append((row[mask], logits[mask].float()))
+
+    def recording(prompts, continuations, images):
+        hook = lm.model.register_forward_hook(keep, with_kwargs=True)
+        try:
+            return score_batch(prompts, continuations, images)
+        finally:
+            hook.remove()
+
+    lm.score_batch = recording
+    return scored, padded
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lmms_eval_plugin_batches_equal_the_model_alone(family, world, tmp_path, monkeypatch):
     """`generate_until` and `loglikelihood` of the plugin (batches of 8, left padded) on the synthetic colour
@@ -234,23 +258,7 @@ def test_lmms_eval_plugin_batches_equal_the_model_alone(family, world, tmp_path,
     processor = AutoProcessor.from_pretrained(base)
 
     lm = MoDLMM(pretrained=str(base), mod=str(tmp_path / "adapter"), dtype="float32", batch_size="8", max_new_tokens=8)
-    scored: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real ids [T], logits [T, V]) of every scored row
-    padded: list[bool] = []  # per scoring forward: whether its rows had different lengths
-    score_batch = lm.score_batch
-
-    def recording(prompts, continuations, images):
-        def keep(module, args, kwargs, out):
-            padded.append(bool((~kwargs["attention_mask"].bool()).any()))
-            for row, mask, logits in zip(kwargs["input_ids"], kwargs["attention_mask"].bool(), out.logits):
-                scored.append((row[mask], logits[mask].float()))
-
-        hook = lm.model.register_forward_hook(keep, with_kwargs=True)
-        try:
-            return score_batch(prompts, continuations, images)
-        finally:
-            hook.remove()
-
-    lm.score_batch = recording
+    scored, padded = record_scoring(lm)
     manager = TaskManager("WARNING", include_path=str(world["tasks"]), include_defaults=False)
     res = evaluator.simple_evaluate(model=lm, tasks=["mllm_mod_color", "mllm_mod_color_mc"], task_manager=manager, log_samples=True)
     assert mllm_mod.layer_ratios(lm.model)[1] < 1.0 and "acc,none" in res["results"]["mllm_mod_color_mc"]
@@ -274,3 +282,197 @@ def test_lmms_eval_plugin_batches_equal_the_model_alone(family, world, tmp_path,
     expected = [reference_generation(model, processor, image, doc["question"]) for image, doc in zip(images, docs)]
     assert [generated[i].strip() for i in range(len(docs))] == expected
     assert any(expected)  # not all cut to nothing
+
+
+# -- video: videomod training on clips, the plugin on the synthetic video tasks --------------------------------
+VIDEO_FAMILIES = ["internvl", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]  # LLaVA-1.5 and Idefics3 take no video
+CLIP_FRAMES, CLIP_FPS = 8, 4.0  # the synthetic motion clips: 8 frames at 4 fps, all read (num_frames=8)
+# frames (groups) per clip as the family lays them out: InternVL and SmolVLM one run per frame, the Qwen VL
+# families one group per temporal patch (2 frames)
+CLIP_GROUPS = {"internvl": 8, "smolvlm": 8, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
+CLIP_TIMING = {"total_num_frames": CLIP_FRAMES, "fps": CLIP_FPS, "frames_indices": list(range(CLIP_FRAMES)), "duration": 2.0}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Synthetic LLaVA-JSON video data (motion clips) and the synthetic video tasks (questions varied)."""
+    import datasets
+
+    from mllm_mod.data.synth import generate
+    from mllm_mod.eval.synthetic import SYNTHETIC_VIDEO_TASKS, write_tasks
+
+    root = tmp_path_factory.mktemp("clips")
+    generate(root / "synth", 8, seed=0, video=True, only=["motion"], progress=False)
+    tasks = write_tasks(root / "eval", n=len(DOC_QUESTIONS), tasks=SYNTHETIC_VIDEO_TASKS)
+    path = root / "eval" / "data" / "motion"
+    rows = [dict(doc) for doc in datasets.load_from_disk(str(path))["test"]]
+    for doc, question in zip(rows, ("which object moved ?", "which object moved in the video ?", "what is the color of the object moved in the video ?")):
+        doc["question"] = question
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(root / "eval" / "data" / "motion_varied"))
+    for name in ("mllm_mod_motion", "mllm_mod_motion_mc"):
+        yaml = tasks / f"{name}.yaml"
+        yaml.write_text(yaml.read_text().replace(str(path), str(root / "eval" / "data" / "motion_varied")))
+    return {"root": root, "tasks": tasks, "docs": rows}
+
+
+def read_frames(path) -> np.ndarray:
+    """All frames of a clip [F, H, W, 3], read here with decord (not through `mllm_mod.data`)."""
+    import decord
+
+    reader = decord.VideoReader(str(path))
+    assert len(reader) == CLIP_FRAMES and reader.get_avg_fps() == CLIP_FPS
+    return reader.get_batch(list(range(CLIP_FRAMES))).asnumpy()
+
+
+def frame_counts(model, batch: dict) -> list[list[int]]:
+    """Per sample, the number of placeholders of each routing group (a frame, or a temporal patch)."""
+    ctx = mllm_mod.adapter_for(model).routing_context(model, batch["input_ids"], None, batch["attention_mask"], inputs=batch)
+    return [torch.unique(g[g >= 0], return_counts=True)[1].tolist() for g in ctx.groups]
+
+
+def test_a_read_clip_carries_its_timing_to_the_processor(clips):
+    """`load_video` returns the frames read with where they came from; the processor kwargs carry it, a
+    slice (other frames) drops it, and plain frames still go through, never resampled by the processor."""
+    from mllm_mod.data.media import Clip, load_video, video_processor_kwargs
+
+    path = clips["root"] / "synth" / json.loads((clips["root"] / "synth" / "train.json").read_text())[0]["video"]
+    clip = load_video(path, "x", num_frames=4)
+    assert isinstance(clip, Clip) and clip.shape == (4, 30, 30, 3)
+    assert clip.metadata == {**CLIP_TIMING, "frames_indices": [1, 3, 5, 7], "height": 30, "width": 30}
+    assert np.array_equal(clip, read_frames(path)[1::2])
+    kwargs = video_processor_kwargs([[clip], []])  # one list per prompt
+    assert kwargs["video_metadata"] == [clip.metadata] and kwargs["do_sample_frames"] is False
+    assert len(kwargs["videos"]) == 2 and type(kwargs["videos"][0][0]) is np.ndarray and kwargs["videos"][1] == []
+    assert clip[:2].metadata is None and "video_metadata" not in video_processor_kwargs([[clip], [clip[:2]]])
+    plain = video_processor_kwargs([[np.asarray(clip)]])
+    assert sorted(plain) == ["do_sample_frames", "videos"] and plain["do_sample_frames"] is False
+    assert video_processor_kwargs([]) == video_processor_kwargs([[], []]) == {}
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_videomod_train_cli_on_clips_through_the_family_processor(family, world, clips, tmp_path):
+    """`mllm-mod train --preset videomod` on LLaVA-JSON clips: every frame read reaches the processor with its
+    timing (not resampled, not assumed 24 fps), labels are the assistant turn, the loss goes down, each frame
+    keeps ceil(r * its tokens) in every MoD layer, and the checkpoint reloads bit for bit."""
+    from transformers import AutoProcessor
+
+    from mllm_mod.cli import main
+
+    base, synth = world["base"](family), clips["root"] / "synth"
+    processor = AutoProcessor.from_pretrained(base)
+    records = json.loads((synth / "train.json").read_text())
+    data = ConversationDataset(synth / "train.json", processor, DataOptions(video_folder=str(synth), num_frames=CLIP_FRAMES))
+    first = data[0]
+    # the same as the processor given the clip's frames and timing by hand
+    from mllm_mod.data.conversation import assistant_spans, to_messages
+
+    frames = read_frames(synth / records[0]["video"])
+    text, _ = assistant_spans(processor, to_messages(records[0]["conversations"]))
+    by_hand = processor(text=[text], videos=[[frames]], video_metadata=[CLIP_TIMING], do_sample_frames=False, return_tensors="pt")
+    for key, value in by_hand.items():
+        assert torch.equal(first[key], value[0] if key in ("input_ids", "attention_mask") else value), key
+    if family == "qwen2_5_vl":  # seconds per temporal patch: 2 frames at 4 fps (temporal M-RoPE positions)
+        assert first["second_per_grid_ts"].tolist() == [0.5]
+    if family.startswith("qwen"):
+        assert first["video_grid_thw"][0, 0] == CLIP_FRAMES // 2  # every frame read is used
+    for record, item in zip(records, data):
+        learned = item["labels"] != IGNORE_INDEX
+        n = int(learned.sum())
+        assert bool(learned[-n:].all()) and processor.tokenizer.decode(item["labels"][learned]).split()[0] == record["conversations"][1]["value"]
+
+    trainers = []
+    import mllm_mod.train.recipe as recipe
+
+    class Recording(recipe.MoDTrainer):
+        def train(self, *args, **kwargs):
+            trainers.append(self)
+            return super().train(*args, **kwargs)
+
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(base), "--data", str(synth / "train.json"), "--video-folder", str(synth),
+            "--output-dir", str(out), "--preset", "videomod", "--lr", "1e-3", "--num-frames", str(CLIP_FRAMES),
+            "batch_size=4", "num_workers=0", "max_steps=4", "gradient_checkpointing=false", "progress=false", "bf16=false"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recipe, "MoDTrainer", Recording)
+        assert main(argv) == 0
+    trained = trainers[0].model.eval()
+    losses = [json.loads(line).get("loss") for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(x) for x in losses if x is not None)
+    collate = Collator(processor.tokenizer.pad_token_id)
+    batches = [collate([data[i] for i in range(j, j + 4)]) for j in range(0, len(data), 4)]
+    fresh = mllm_mod.retrofit(type(trained).from_pretrained(base), "videomod")
+    assert lm_loss(trained, batches) < lm_loss(fresh, batches)
+
+    # videomod: each frame keeps ceil(r * its tokens) in every MoD layer, the text all of it (measured in the cache)
+    batch = batches[0]
+    counts = frame_counts(trained, batch)
+    assert [len(c) for c in counts] == [CLIP_GROUPS[family]] * 4
+    report = efficiency(trained, batch)
+    assert report.accounting_matches, report.mismatches
+    for layer, ratio in zip(report.kv_entries_per_layer, mllm_mod.layer_ratios(trained)):
+        r = np.float32(ratio)
+        kept = [t + sum(int(np.ceil(r * n)) if ratio < 1 else n for n in c) for t, c in zip(report.n_text, counts)]
+        assert layer == kept
+
+    reloaded = mllm_mod.from_pretrained(out).eval()
+    with torch.no_grad():
+        for b in batches:
+            assert torch.equal(reloaded(**b).logits, trained(**b).logits)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_lmms_eval_plugin_on_video_tasks_batches_equal_the_model_alone(family, world, clips, tmp_path, monkeypatch):
+    """The synthetic video tasks (mp4 files, 8 frames read) through the plugin with a videomod adapter: each
+    batched loglikelihood row == prompt + choice alone (its frames and timing given by hand) at every real
+    position; each generation == the greedy continuation alone."""
+    from lmms_eval import evaluator
+    from lmms_eval.tasks import TaskManager
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mllm_mod.eval.lmms_plugin import MoDLMM
+
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    base = world["base"](family)
+    model = AutoModelForImageTextToText.from_pretrained(base).eval()
+    mllm_mod.retrofit(model, "videomod")
+    randomize_routers(model)
+    mllm_mod.save_mod(model, tmp_path / "adapter")
+    processor = AutoProcessor.from_pretrained(base)
+    lm = MoDLMM(pretrained=str(base), mod=str(tmp_path / "adapter"), dtype="float32", batch_size="6", num_frames=CLIP_FRAMES)  # 8 choices a question: mixed batches
+    scored, padded = record_scoring(lm)
+    manager = TaskManager("WARNING", include_path=str(clips["tasks"]), include_defaults=False)
+    res = evaluator.simple_evaluate(model=lm, tasks=["mllm_mod_motion", "mllm_mod_motion_mc"], task_manager=manager, log_samples=True)
+    assert any(padded) and "acc,none" in res["results"]["mllm_mod_motion_mc"]
+
+    def video_inputs(doc, text: str) -> dict:
+        frames = read_frames(doc["video"])
+        return processor(text=[text], videos=[[frames]], video_metadata=[CLIP_TIMING], do_sample_frames=False, return_tensors="pt")
+
+    def video_prompt(question: str) -> str:
+        content = [{"type": "video"}, {"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+    docs = clips["docs"]
+    for s in res["samples"]["mllm_mod_motion_mc"]:
+        doc = docs[s["doc_id"]]
+        prompt = video_prompt(doc["question"])
+        for choice, ((nll, _),) in zip(doc["choices"], s["resps"]):
+            inputs = video_inputs(doc, f"{prompt} {choice}")
+            with torch.no_grad():
+                logits = model(**inputs).logits[0].float()
+            ids = inputs["input_ids"][0]
+            (row,) = [lg for rid, lg in scored if torch.equal(rid, ids)][:1]
+            assert_logits_close(row, logits, f"plugin loglikelihood batched == alone, video ({family})")
+            n = len(processor.tokenizer(f"{prompt} {choice}").input_ids) - len(processor.tokenizer(prompt).input_ids)
+            logp = torch.log_softmax(logits[:-1], dim=-1)
+            assert nll == pytest.approx(float(-logp[-n:].gather(1, ids[1:][-n:, None]).sum()), abs=1e-4)
+    generated = {s["doc_id"]: s["resps"][0][0].strip() for s in res["samples"]["mllm_mod_motion"]}
+    eos = processor.tokenizer.convert_tokens_to_ids("</s>")
+    for i, doc in enumerate(docs):
+        inputs = video_inputs(doc, video_prompt(doc["question"]))
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
+        new = new[: new.index(eos)] if eos in new else new
+        assert generated[i] == processor.tokenizer.decode(new, skip_special_tokens=True).split(".")[0].strip(), i

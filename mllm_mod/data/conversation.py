@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .media import video_processor_kwargs
+
 IGNORE_INDEX = -100
 PLACEHOLDERS = {"image": "<image>", "video": "<video>"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -99,8 +101,7 @@ def encode(
     }
     if images:
         kwargs["images"] = images  # one sample: every processor takes its pictures as a flat list
-    if videos:
-        kwargs["videos"] = videos
+    kwargs.update(video_processor_kwargs([videos]))  # the frames as read: their timing, no second sampling
     out = processor(**kwargs)
     offsets = [tuple(o) for o in out.pop("offset_mapping")[0].tolist()]  # [T] (start, end) in the expanded text
     replacements = (out.pop("text_replacement_offsets", None) or [[]])[0]

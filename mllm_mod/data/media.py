@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -54,28 +55,76 @@ def frame_indices(total: int, native_fps: float, num_frames: int, fps: float | N
     return candidates[bins.astype(np.int64)]
 
 
+class Clip(np.ndarray):
+    """The [F, H, W, 3] uint8 frames `load_video` read, an ``np.ndarray`` that also carries where they came
+    from: ``metadata``, in transformers' ``VideoMetadata`` fields (the file's frame count and frame rate, the
+    indices of the frames read, duration, size). Processors need it for what they write or compute from time:
+    Qwen3-VL's and SmolVLM's frame timestamps, Qwen2.5-VL's seconds per temporal patch (its temporal M-RoPE
+    positions). A slice or a copy of a clip is a clip without metadata (its frames are no longer those)."""
+
+    metadata: dict[str, Any] | None
+
+    def __new__(cls, frames: np.ndarray, metadata: dict[str, Any] | None = None) -> Clip:
+        clip = np.asarray(frames).view(cls)
+        clip.metadata = metadata
+        return clip
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.metadata = None
+
+
+def clip_metadata(total: int, native_fps: float, indices: np.ndarray, height: int, width: int) -> dict[str, Any]:
+    """``VideoMetadata`` fields of frames `indices` read from a file of `total` frames at `native_fps`."""
+    return {
+        "total_num_frames": int(total),
+        "fps": float(native_fps),
+        "frames_indices": [int(i) for i in indices],
+        "duration": float(total / native_fps),
+        "height": int(height),
+        "width": int(width),
+    }
+
+
+def video_processor_kwargs(videos: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
+    """What a transformers processor gets for the clips of a batch, `videos` holding each prompt's clips (already
+    sampled, by `load_video` or given as frames): the frames, one list per prompt (a flat list is one prompt's
+    frames to SmolVLM in transformers 5.17; every processor takes the nested form), ``do_sample_frames=False``
+    (a processor must not sample again: Qwen3-VL's would keep 4 of 8 frames by its own rate) and, when every
+    clip is a `Clip` with metadata, each one's ``video_metadata`` in order (without it processors assume 24 fps:
+    wrong timestamps for Qwen3-VL and SmolVLM, wrong temporal positions for Qwen2.5-VL). Empty without clips."""
+    flat = [v for clips in videos for v in clips]
+    if not flat:
+        return {}
+    kwargs: dict[str, Any] = {"videos": [[np.asarray(v) for v in clips] for clips in videos], "do_sample_frames": False}
+    metadata = [getattr(v, "metadata", None) for v in flat]
+    if all(m is not None for m in metadata):
+        kwargs["video_metadata"] = [dict(m) for m in metadata]
+    return kwargs
+
+
 def load_video(
     path: str | os.PathLike,
     sample_id: str,
     num_frames: int = 8,
     fps: float | None = None,
     backend: str = "decord",
-) -> np.ndarray:
-    """Frames [F, H, W, 3] uint8 sampled by `frame_indices`; read with decord (default) or PyAV."""
+) -> Clip:
+    """Frames [F, H, W, 3] uint8 sampled by `frame_indices`, as a `Clip` that knows their timing; read with
+    decord (default) or PyAV."""
     if backend not in VIDEO_BACKENDS:
         raise ValueError(f"video backend must be one of {VIDEO_BACKENDS}, got {backend!r}")
     if not os.path.isfile(path):
         raise DataError(sample_id, path, "video file not found")
     try:
         read = _read_decord if backend == "decord" else _read_pyav
-        frames = read(str(path), num_frames, fps)
+        frames, total, native_fps, indices = read(str(path), num_frames, fps)
     except DataError:
         raise
     except Exception as err:  # decord and PyAV raise their own error types for undecodable files
         raise DataError(sample_id, path, video_error_reason(err)) from err
     if len(frames) == 0:
         raise DataError(sample_id, path, "corrupt video (no frames decoded)")
-    return frames
+    return Clip(frames, clip_metadata(total, native_fps, indices, *frames.shape[1:3]))
 
 
 def video_error_reason(err: Exception) -> str:
@@ -87,15 +136,17 @@ def video_error_reason(err: Exception) -> str:
     return f"corrupt video ({type(err).__name__}: {text.strip()[-200:]})"
 
 
-def _read_decord(path: str, num_frames: int, fps: float | None) -> np.ndarray:
+def _read_decord(path: str, num_frames: int, fps: float | None) -> tuple[np.ndarray, int, float, np.ndarray]:
+    """(frames [F, H, W, 3], frames in the file, its frame rate, the indices read)."""
     import decord
 
     reader = decord.VideoReader(path, num_threads=1)
-    indices = frame_indices(len(reader), reader.get_avg_fps(), num_frames, fps)
-    return reader.get_batch(indices.tolist()).asnumpy()  # [F, H, W, 3]
+    native_fps = float(reader.get_avg_fps())
+    indices = frame_indices(len(reader), native_fps, num_frames, fps)
+    return reader.get_batch(indices.tolist()).asnumpy(), len(reader), native_fps, indices
 
 
-def _read_pyav(path: str, num_frames: int, fps: float | None) -> np.ndarray:
+def _read_pyav(path: str, num_frames: int, fps: float | None) -> tuple[np.ndarray, int, float, np.ndarray]:
     import av
 
     with av.open(path) as container:
@@ -103,7 +154,7 @@ def _read_pyav(path: str, num_frames: int, fps: float | None) -> np.ndarray:
         native_fps = float(stream.average_rate or 1)
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]  # decode all: short clips
     indices = frame_indices(len(frames), native_fps, num_frames, fps)
-    return np.stack([frames[i] for i in indices])  # [F, H, W, 3]
+    return np.stack([frames[i] for i in indices]), len(frames), native_fps, indices
 
 
 def as_list(value: str | Sequence[str] | None) -> list[str]:

@@ -58,6 +58,7 @@ from PIL import Image
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ..compat import output_cache
+from ..data.media import video_processor_kwargs
 from .baselines import BASELINES, RENAMED, DropSpec, ranking_at
 from .meter import FirstStepTimer, Meter, prefill_flops, prompt_kv_bytes, prompt_tokens_per_layer, synchronize
 from .zoo import ZOO, ZooSpec, zoo_spec
@@ -409,14 +410,15 @@ class MoDLMM(lmms):
     def encode(self, texts: list[str], visuals: list[list[Visual]]) -> dict[str, torch.Tensor]:
         """Processor output for a batch, left padded, on the device (floating tensors in the model dtype).
         `visuals`: each prompt's pictures and clips. Pictures go to the processor as one list per prompt (a
-        flat list is one sample's pictures to SmolVLM / Idefics3); clips fill the video placeholders in order."""
+        flat list is one sample's pictures to SmolVLM / Idefics3); clips too, with their timing
+        (`mllm_mod.data.media.video_processor_kwargs`)."""
         per_prompt = [[v for v in vs if not is_video(v)] for vs in visuals]
         images = per_prompt if any(per_prompt) else None
-        videos = [v for vs in visuals for v in vs if is_video(v)]
-        if videos and getattr(self.processor, "video_processor", None) is None:
+        videos = [[v for v in vs if is_video(v)] for vs in visuals]
+        if any(videos) and getattr(self.processor, "video_processor", None) is None:
             raise NotImplementedError(f"{type(self.processor).__name__} takes no videos; use a video-capable model")
         inputs = self.processor(
-            text=texts, images=images, videos=videos or None, padding=True, return_tensors="pt"
+            text=texts, images=images, padding=True, return_tensors="pt", **video_processor_kwargs(videos)
         )
         dtype = self.model.dtype
         return {k: v.to(self._device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()}
