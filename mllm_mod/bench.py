@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .cache import kv_bytes
-from .compat import disable_checkpointing, enable_checkpointing, output_cache
+from .compat import disable_checkpointing, enable_checkpointing, output_cache, rotary_embeddings
 from .efficiency import dense
 from .flops import DecoderShape, prefill_cost
 from .reference_shapes import REFERENCE_SHAPES
@@ -159,13 +159,14 @@ def layer_cost_table(model: nn.Module, batch: int, token_counts: list[int], time
     decoder = adapter.decoder(model)
     layer = adapter.layers(model)[-1]
     layer = layer.base_layer if isinstance(layer, MoDLayer) else layer
+    layer_type = getattr(layer.self_attn, "layer_type", None)  # per-type RoPE (Gemma 3)
     dim = adapter.text_config(model.config).hidden_size
     param = next(layer.parameters())
     table = {}
     for t in sorted(set(token_counts)):
         x = torch.randn(batch, t, dim, device=param.device, dtype=param.dtype)  # [B, t, D]
         positions = torch.arange(t, device=param.device)[None]  # [1, t]
-        rope = decoder.rotary_emb(x, positions)
+        rope = rotary_embeddings(decoder.rotary_emb, x, positions, layer_type)
         with torch.no_grad():
             table[t] = timer(lambda: layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope))
     return table

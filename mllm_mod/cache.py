@@ -10,9 +10,18 @@ A static cache (``generate(..., cache_implementation="static")``, transformers' 
 `static_mod_cache`) gets a `StaticMoDCacheLayer` in each MoD slot instead: the compact cache with a
 capacity fixed at the prefill (the prompt's kept entries + the decoding budget), so that every decoding
 step has the same shapes (torch.compile without recompiles, CUDA graphs).
+
+A MoD layer whose attention has a sliding window (Gemma 3's local layers, Mistral, Qwen2 with
+``use_sliding_window``) gives its window to its `MoDCacheLayer`, which then drops, after each chunk, the
+entries no later query can attend: original index ``<= seen - window`` (transformers'
+`DynamicSlidingWindowLayer` keeps the last ``window - 1`` tokens, indices ``seen - window + 1 .. seen - 1``:
+the same rule). So a MoD sliding layer never holds more slots than the stock sliding layer would.
 """
 
 from __future__ import annotations
+
+import bisect
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -29,12 +38,31 @@ class MoDCacheLayer(DynamicLayer):
     until someone reads `index`; entries recorded without `filled` / `valid` are all True, held as nothing
     until read; and `key_valid()` is None while every entry is attendable (the mask is then left out).
     Reading `index`, `filled` or `valid` materialises the [B, S] tensor; assigning one replaces it.
+
+    `window` (the layer's sliding window, None: global attention): after each chunk the slots that no row
+    needs any more are dropped (`slide`). The slots are common to the batch ([B, H, S, hd]), so:
+    - after a chunk of several tokens (the prefill) with ``seen >= window``, the cache is compacted (one host
+      sync): each row keeps exactly its valid entries of index ``> seen - window``, right-aligned in slot
+      order; rows that keep fewer get invalid slots in front (``filled`` and ``valid`` False); padding and
+      filler slots go. S is the largest row's count, never more than ``window - 1`` (a row's entries have
+      distinct indices in ``seen - window + 1 .. seen - 1``);
+    - after a one-token chunk (decoding) the oldest slots go by a host-side rule, with no sync: each slot's
+      expiry (the largest index any row holds there, non-decreasing over slots) is kept on the host, and the
+      leading slots whose expiry is ``<= seen - window`` are sliced off, as the stock layer slices its
+      oldest token. In a batch whose rows kept different tokens a slot may then still hold, in some row, an
+      entry the window has passed: it stays until its slot goes, and the MoD layer's mask (by original
+      index, with the window) hides it, as before.
+    Valid entries dropped are counted per row (`dropped`), so renumbered positions (gamma-MoD) still count them.
     """
 
     is_croppable = False
 
-    def __init__(self) -> None:
+    def __init__(self, window: int | None = None) -> None:
         super().__init__()
+        self.window = window  # the layer's sliding window; None: every entry is kept
+        self._expiry: list[int] | None = []  # per slot (window only): the largest index a row holds there; None: unknown
+        self._dropped: torch.Tensor | None = None  # [B] valid entries the window dropped (on the device) ...
+        self._dropped_all = 0  # ... plus this many in every row
         self.seen = 0  # tokens of the full sequence this layer has been shown (kept or not)
         self._entries = 0  # entries recorded (the K/V length once the attention has appended them)
         self._batch, self._device = 0, None
@@ -75,8 +103,86 @@ class MoDCacheLayer(DynamicLayer):
             self._filled = _cat(self._full(self._filled), filled)
         if valid is not None:
             self._valid = _cat(self._full(self._valid), valid)
+        if self.window is not None and self._expiry is not None:
+            if num_tokens == 1 and kept == 1:  # a decoding step: its slot holds index `seen` in every row
+                self._expiry.append(self.seen)
+            elif kept:  # a chunk's entries: their indices are on the device; the next slide compacts
+                self._expiry = None
         self._entries += kept
         self.seen += num_tokens
+        if self.window is not None and kept == 0:  # nothing to store (the attention will not call `update`)
+            self.slide()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the chunk's K/V ([B, H, Tk, hd]) and return every entry (the chunk's attention needs them all);
+        with a window, then drop what no later query can attend."""
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.window is not None:
+            self.slide()
+        return keys, values
+
+    def slide(self) -> None:
+        """Drop the slots no later query can attend (index ``<= seen - window`` in every row); see the class doc."""
+        threshold = self.seen - self.window
+        if threshold < 0 or self._entries == 0 or self.keys is None or self.keys.shape[-2] != self._entries:
+            return  # nothing can be dead yet, or the chunk's K/V are not stored yet (`update` slides then)
+        if self._expiry is None:
+            self._compact(threshold)
+            return
+        drop = bisect.bisect_right(self._expiry, threshold)
+        if drop:
+            self._drop_front(drop)
+
+    def dropped(self) -> torch.Tensor | int:
+        """Valid entries the window dropped, per row ([B] on the device, or an int for every row)."""
+        return self._dropped_all if self._dropped is None else self._dropped + self._dropped_all
+
+    def _drop_front(self, n: int) -> None:
+        """Slice off the first `n` slots (K/V and bookkeeping)."""
+        self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
+        valid_prefix = 0 if self._valid is None else min(n, self._valid.shape[1])
+        if valid_prefix:
+            counted = self._valid[:, :valid_prefix].sum(dim=1)  # [B]
+            self._dropped = counted if self._dropped is None else self._dropped + counted
+        self._dropped_all += n - valid_prefix
+        indexed = 0 if self._index is None else self._index.shape[1]
+        if n >= indexed:
+            self._index = None
+            self._run_start, self._run = self._run_start + n - indexed, self._run - (n - indexed)
+        else:
+            self._index = self._index[:, n:]
+        self._filled = None if self._filled is None or n >= self._filled.shape[1] else self._filled[:, n:]
+        self._valid = None if self._valid is None or n >= self._valid.shape[1] else self._valid[:, n:]
+        self._entries -= n
+        self._expiry = self._expiry[n:]
+
+    def _compact(self, threshold: int) -> None:
+        """Keep, per row, exactly the valid entries of index > threshold, right-aligned (one host sync)."""
+        index, valid = self.index, self.valid  # [B, S]
+        live = valid & (index > threshold)  # [B, S]
+        code = torch.where(live, index, torch.where(valid, -1, -2)).cpu()  # [B, S]: index, -1 passed, -2 not valid
+        live_host = code >= 0
+        width = int(live_host.sum(dim=1).max())
+        slots = code.shape[1]
+        order = torch.sort(live_host.to(torch.int8), dim=1, stable=True).indices[:, slots - width :]  # [B, W]: dead first
+        passed = (code == -1).sum(dim=1)  # [B] valid entries that go
+        kept_live = live_host.gather(1, order)  # [B, W]
+        slot_index = torch.where(kept_live, code.gather(1, order), -1)  # [B, W]
+        if bool((order == torch.arange(slots - width, slots)).all()):  # a common prefix goes: slice
+            self.keys, self.values = self.keys[:, :, slots - width :], self.values[:, :, slots - width :]
+            new_index, new_live = index[:, slots - width :], live[:, slots - width :]
+        else:
+            at = order.to(self.keys.device)  # [B, W]
+            k, v = self.keys, self.values  # [B, H, S, hd]
+            self.keys = k.gather(2, at[:, None, :, None].expand(k.shape[0], k.shape[1], width, k.shape[3]))
+            self.values = v.gather(2, at[:, None, :, None].expand(v.shape[0], v.shape[1], width, v.shape[3]))
+            new_index, new_live = index.gather(1, at), live.gather(1, at)
+        self.index = new_index  # the entry count becomes W
+        self._filled = self._valid = None if bool(kept_live.all()) else new_live
+        if bool(passed.any()):
+            passed = passed.to(new_index.device)
+            self._dropped = passed if self._dropped is None else self._dropped + passed
+        self._expiry = slot_index.amax(dim=0).cummax(dim=0).values.tolist() if width else []
 
     def key_valid(self) -> torch.Tensor | None:
         """[B, S] attendable entries, or None while every entry is (no mask needed)."""
@@ -90,6 +196,8 @@ class MoDCacheLayer(DynamicLayer):
     @index.setter
     def index(self, value: torch.Tensor) -> None:
         self._index, self._run, self._entries = value, 0, value.shape[1]
+        if self.window is not None:
+            self._expiry = None  # rewritten entries (streaming eviction): the next slide reads them again
 
     @property
     def filled(self) -> torch.Tensor | None:
@@ -127,7 +235,7 @@ class MoDCacheLayer(DynamicLayer):
         if self._entries:
             beam_idx = beam_idx.to(self._device)
             self.index = self.index.index_select(0, beam_idx)
-            for name in ("_filled", "_valid"):
+            for name in ("_filled", "_valid", "_dropped"):
                 if getattr(self, name) is not None:
                     setattr(self, name, getattr(self, name).index_select(0, beam_idx))
 
@@ -136,8 +244,9 @@ class MoDCacheLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self._index = self._filled = self._valid = None
-        self._run = self._entries = self.seen = 0
+        self._index = self._filled = self._valid = self._dropped = None
+        self._run = self._entries = self.seen = self._dropped_all = 0
+        self._expiry = []
 
 
 class StaticMoDCacheLayer(MoDCacheLayer):
@@ -328,8 +437,9 @@ def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if old is None else torch.cat([old, new], dim=1)
 
 
-def mod_cache_layer(cache: Cache, layer_idx: int) -> MoDCacheLayer:
-    """The `MoDCacheLayer` in slot `layer_idx` of `cache`, installing it if the slot is empty."""
+def mod_cache_layer(cache: Cache, layer_idx: int, window: int | None = None) -> MoDCacheLayer:
+    """The `MoDCacheLayer` in slot `layer_idx` of `cache`, installing it if the slot is empty; `window`: the
+    layer's sliding window (its dynamic compact cache then drops what the window has passed)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"MoD layers need a transformers `Cache` with per-layer objects, got {type(cache).__name__}")
@@ -357,19 +467,40 @@ def mod_cache_layer(cache: Cache, layer_idx: int) -> MoDCacheLayer:
             f"cache slot {layer_idx} already holds {layer.get_seq_length()} dense entries; a MoD layer "
             "must start from an empty cache"
         )
-    layers[layer_idx] = MoDCacheLayer()
+    layers[layer_idx] = MoDCacheLayer(window)
     return layers[layer_idx]
 
 
-def kv_entries(cache: Cache) -> list[torch.Tensor]:
-    """K/V entries each layer holds for each sample (filler slots excluded): a list of [B] tensors."""
+def kv_entries(cache: Cache, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """K/V entries each layer holds for each sample: a list of [B] tensors (CPU).
+
+    A MoD layer: its filled entries (kept tokens, padding included; filler slots and the invalid slots of a
+    windowed layer's compaction excluded). A dense layer: the tokens it holds (a sliding-window layer the
+    last ``window - 1``; a static layer its entries, not its allocated length). `attention_mask` [B, S] (the
+    2-D padding mask of the whole sequence): count real tokens only (padding excluded)."""
     out = []
     for layer in cache.layers:
         if isinstance(layer, MoDCacheLayer):
-            out.append(layer.filled.sum(dim=1).cpu())
-        else:  # a dense layer: every token (a static layer's entries, not its allocated length)
-            out.append(torch.full((layer.keys.shape[0],), int(layer.get_seq_length()), dtype=torch.long))
+            held = layer.valid if attention_mask is not None else layer.filled  # valid: filled and not padding
+            out.append(held.sum(dim=1).cpu())
+            continue
+        held = _dense_held(layer)
+        if attention_mask is None:
+            out.append(torch.full((layer.keys.shape[0],), held, dtype=torch.long))
+        else:  # the held tokens are the sequence's last `held`
+            out.append(attention_mask[:, attention_mask.shape[1] - held :].long().sum(dim=1).cpu())
     return out
+
+
+def _dense_held(layer: Any) -> int:
+    """Tokens a stock cache layer holds: a dynamic sliding layer's K/V length (the last ``window - 1``), a
+    static sliding one's min(seen, window) (it keeps ``window``), otherwise its sequence length."""
+    seen = int(layer.get_seq_length())
+    if not getattr(layer, "is_sliding", False):
+        return seen
+    if isinstance(layer, StaticLayer):
+        return min(seen, layer.max_cache_len)
+    return layer.keys.shape[-2]
 
 
 def kv_bytes(cache: Cache) -> int:

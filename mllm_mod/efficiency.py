@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .cache import kv_bytes, kv_entries
-from .compat import output_cache
+from .compat import attention_window, output_cache
 from .flops import DecoderShape, prefill_cost
 from .layer import LayerStats, MoDLayer
 from .retrofit import get_state
@@ -22,7 +22,10 @@ class EfficiencyReport:
 
     kept_per_layer[l][b]: tokens layer l processed for sample b, measured in the forward (padding
     excluded); kv_entries_per_layer[l][b]: entries the cache holds, measured from the cache tensors
-    (padding excluded). `accounting_matches` says both equal what `flops.py` predicts.
+    (padding excluded). `accounting_matches` says both equal what `flops.py` predicts. On a sliding-window
+    layer the dense reference is the stock sliding cache (the last ``window - 1`` tokens) and a MoD layer's
+    accounted entries are its kept tokens in those positions, counted in the forward from the routing (the
+    layer's `LayerStats.cached`), independently of the cache's own trimming.
     """
 
     layer_ratios: list[float]
@@ -101,16 +104,17 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
     n_vision = vision.sum(1).tolist()
     n_tokens = real.sum(1).tolist()
     n_text = [t - v for t, v in zip(n_tokens, n_vision)]
-    padding = [input_ids.shape[1] - t for t in n_tokens]
     stats: dict[int, LayerStats] = {s.layer_idx: s for s in ctx.stats}
 
     ratios = [layer.ratio if isinstance(layer, MoDLayer) else 1.0 for layer in layers]
     routes = [isinstance(layer, MoDLayer) and n_vision_any(n_vision) for layer in layers]
     kept = [stats[i].kept.tolist() if i in stats else n_tokens for i in range(len(layers))]
-    entries = [(e - torch.tensor(padding)).tolist() for e in kv_entries(cache)]
+    entries = [e.tolist() for e in kv_entries(cache, attention_mask)]  # real entries (padding excluded)
     element = next(iter(cache.layers)).keys.element_size()
+    windows = [layer.window if isinstance(layer, MoDLayer) else attention_window(layer.self_attn) for layer in layers]
+    cached = [stats[i].cached.tolist() if i in stats and stats[i].cached is not None else None for i in range(len(layers))]
 
-    dense_cost = [prefill_cost(shape, [1.0] * len(layers), t, v, element) for t, v in zip(n_text, n_vision)]
+    dense_cost = [prefill_cost(shape, [1.0] * len(layers), t, v, element, windows=windows) for t, v in zip(n_text, n_vision)]
     # the formula text + trunc(r * vision) holds for top-k over vision tokens; other rules are data-dependent
     cfg = state.config
     formula = cfg.candidates == "vision" and cfg.selection == "topk" and (model.training or cfg.inference == "topk")
@@ -119,14 +123,17 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
             shape, ratios, t, v, element, mod_layers=routes,
             tokens_per_layer=None if formula else [kept[i][b] for i in range(len(layers))],
             router_outputs=2 if cfg.router == "shared" else 1,
+            windows=windows, kv_entries_per_layer=[None if c is None else c[b] for c in cached],
         )
         for b, (t, v) in enumerate(zip(n_text, n_vision))
     ]
     mismatches = []
     for b, cost in enumerate(mod_cost):
-        for i, expected in enumerate(cost.tokens_per_layer):
-            if kept[i][b] != expected or entries[i][b] != expected:
-                mismatches.append(f"sample {b} layer {i}: kept {kept[i][b]}, cached {entries[i][b]}, accounting {expected}")
+        for i, (expected, expected_kv) in enumerate(zip(cost.tokens_per_layer, cost.kv_entries_per_layer)):
+            if kept[i][b] != expected or entries[i][b] != expected_kv:
+                mismatches.append(
+                    f"sample {b} layer {i}: kept {kept[i][b]}, cached {entries[i][b]}, accounting {expected} kept, {expected_kv} cached"
+                )
     return EfficiencyReport(
         layer_ratios=ratios,
         n_text=n_text,

@@ -10,6 +10,13 @@ mask); norms, RoPE, softmax, gathers and scatters are not counted. A layer that 
     router       2 T D      (MoD layers score all T tokens)
 
 The LM head (``2 T D V``) is reported separately: generation computes it for the last position only.
+
+Sliding windows (Gemma 3's local layers, Mistral, Qwen2 with ``use_sliding_window``): eager and sdpa compute
+the full rectangle whatever the mask hides, so a window changes no FLOPs here (FlopCounterMode agrees); it
+changes the KV cache. After an n-token prefill a sliding layer keeps the tokens a later query can attend,
+original index ``> n - window``, the last ``window - 1`` (transformers' `DynamicSlidingWindowLayer`; MoD's
+compact cache drops by the same rule): a dense sliding layer ``min(n, window - 1)`` entries, a MoD sliding
+layer the kept tokens among those positions (`window_entries`).
 """
 
 from __future__ import annotations
@@ -79,6 +86,30 @@ def kept_tokens(ratios: list[float], n_text: int, n_vision: int, tokens_per_fram
     return [n_text + vision(r) for r in ratios]
 
 
+def window_entries(
+    kept: int, n_text: int, n_vision: int, window: int | None, text_after: int | None = None
+) -> int:
+    """KV entries a layer that processed `kept` of a sample's ``n_text + n_vision`` tokens holds after the
+    prefill: all `kept` without a window or when the sample fits it (``n <= window - 1``); else the kept tokens
+    among the last ``window - 1`` positions: all of them for a dense layer (``kept == n``); for a MoD layer the
+    text there plus its kept vision tokens there, which depend on where the router's picks fall. This counts
+    them as spread evenly over the vision tokens (``floor(k * v_in / n_vision)``, k the kept vision tokens,
+    v_in the vision tokens in the window), on the layout text (``n_text - text_after``), vision, then
+    `text_after` text tokens (default: all text after the vision). A measured count (`efficiency`) replaces
+    this estimate."""
+    total = n_text + n_vision
+    if window is None or total <= window - 1:
+        return kept
+    tail = window - 1  # positions a later query can attend
+    if kept >= total:
+        return tail
+    after = n_text if text_after is None else text_after
+    vision_in = min(max(tail - after, 0), n_vision)
+    text_in = tail - vision_in  # the text after the vision, and text before it once the window reaches there
+    vision_kept = min(max(kept - n_text, 0), n_vision)
+    return text_in + (vision_kept * vision_in // n_vision if n_vision else 0)
+
+
 @dataclass
 class PrefillCost:
     """Cost of one sample's prefill through the decoder, per layer and in total."""
@@ -108,6 +139,9 @@ def prefill_cost(
     tokens_per_layer: list[int] | None = None,
     tokens_per_frame: int | None = None,
     router_outputs: int = 1,
+    windows: list[int | None] | None = None,
+    kv_entries_per_layer: list[int | None] | None = None,
+    text_after: int | None = None,
 ) -> PrefillCost:
     """Prefill cost for one sample of `n_text` text and `n_vision` vision tokens.
 
@@ -115,7 +149,10 @@ def prefill_cost(
     router); by default the layers with ratio < 1. `tokens_per_layer`: measured kept tokens, for rules
     whose count is data-dependent (threshold routing, routed text); by default text + trunc(r * vision).
     `tokens_per_frame`: count per-frame top-k instead (see `kept_tokens`). `router_outputs`: the router's
-    width (1 for p-MoD / VideoLLM-MoD, 2 for gamma-MoD's shared 2-way router).
+    width (1 for p-MoD / VideoLLM-MoD, 2 for gamma-MoD's shared 2-way router). `windows`: each layer's
+    sliding window (None: global): its KV entries are those a later query can attend (`window_entries`, with
+    `text_after`); `kv_entries_per_layer`: measured entries (None where the formula applies), for MoD layers
+    whose window cut the sample (which kept tokens fall in the window is the router's choice).
     """
     if len(ratios) != shape.layers:
         raise ValueError(f"{len(ratios)} ratios for a decoder of {shape.layers} layers")
@@ -123,10 +160,16 @@ def prefill_cost(
     total = n_text + n_vision
     tokens = kept_tokens(ratios, n_text, n_vision, tokens_per_frame) if tokens_per_layer is None else tokens_per_layer
     flops = [shape.layer_flops(t) + (shape.router_flops(total, router_outputs) if routed else 0) for t, routed in zip(tokens, mod_layers)]
+    windows = [None] * shape.layers if windows is None else windows
+    measured = [None] * shape.layers if kv_entries_per_layer is None else kv_entries_per_layer
+    entries = [
+        m if m is not None else window_entries(t, n_text, n_vision, w, text_after)
+        for t, w, m in zip(tokens, windows, measured)
+    ]
     return PrefillCost(
         tokens_per_layer=tokens,
         flops_per_layer=flops,
         lm_head_flops=shape.lm_head_flops(total),
-        kv_entries_per_layer=tokens,
-        kv_bytes=sum(tokens) * shape.kv_bytes_per_entry(bytes_per_element),
+        kv_entries_per_layer=entries,
+        kv_bytes=sum(entries) * shape.kv_bytes_per_entry(bytes_per_element),
     )

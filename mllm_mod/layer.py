@@ -50,6 +50,7 @@ class LayerStats:
     tokens: torch.Tensor  # real tokens of the chunk (padding excluded)
     candidates: torch.Tensor  # tokens that competed
     kept: torch.Tensor  # real tokens that went through the layer
+    cached: torch.Tensor | None = None  # of those, the ones a later query can still attend (a sliding window cut them)
 
 
 @dataclass
@@ -333,7 +334,7 @@ class MoDLayer(nn.Module):
         checkpointing = self.gradient_checkpointing and self.training
         if checkpointing:
             past_key_values = None  # as the stock layers do: no cache under gradient checkpointing
-        cache_layer = mod_cache_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+        cache_layer = mod_cache_layer(past_key_values, self.layer_idx, self.window) if past_key_values is not None else None
         if isinstance(cache_layer, StaticMoDCacheLayer) and self.window is not None and cache_layer.max_cache_len > self.window:
             raise NotImplementedError(
                 f"MoD layer {self.layer_idx} has a {self.window}-token sliding window, shorter than the static cache "
@@ -387,6 +388,9 @@ class MoDLayer(nn.Module):
         if ctx.stats is not None:
             n_cand = route.competing.sum(dim=1).cpu() if route is not None else torch.zeros(batch, dtype=torch.long)
             stats = LayerStats(self.layer_idx, _count(token_mask, batch, length), n_cand, _count(q_valid, batch, kept_len))
+            if self.window is not None and past + length >= self.window:  # kept tokens of index > seen - window
+                kept_index = past + (order if order is not None else torch.arange(length, device=device).expand(batch, length))
+                stats.cached = _count(_both(q_valid, kept_index > past + length - self.window), batch, kept_len)
             ctx.stats.append(stats)
         self._run_base_hooks(hidden_states, out)
         return out
@@ -486,6 +490,9 @@ class MoDLayer(nn.Module):
         if self.mod_config.positions == "renumber":
             valid = cache_layer.valid if cache_layer is not None else None  # entries before this chunk
             before = valid.sum(dim=1, keepdim=True) if valid is not None else 0
+            if cache_layer is not None and cache_layer.window is not None:  # and those the window dropped
+                dropped = cache_layer.dropped()
+                before = before + (dropped[:, None] if isinstance(dropped, torch.Tensor) else dropped)
             shape = order.shape if order is not None else x.shape[:2]
             counted = q_valid if q_valid is not None else torch.ones(shape, dtype=torch.bool, device=x.device)
             positions = (before + counted.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, Tk]

@@ -34,3 +34,18 @@ def test_bench_cli_writes_report(tmp_path, capsys):
     assert (tmp_path / "benchmarks.png").stat().st_size > 0 and (tmp_path / "results.json").exists()
     assert main(["bench", "--shapes", "llava-99b"]) == 2
     assert "unknown shape 'llava-99b'" in capsys.readouterr().err
+
+
+def test_layer_cost_table_on_gemma3():
+    """The per-layer cost table takes its RoPE through `compat.rotary_embeddings`: Gemma 3's rotary embedding
+    computes one RoPE per layer type (the tiny model's last layer is global, its first ones sliding)."""
+    import torch
+
+    import mllm_mod
+    from mllm_mod.bench import Timer, layer_cost_table
+    from mllm_mod.tiny import gemma3_model
+
+    model = gemma3_model()
+    mllm_mod.retrofit(model, "pmod")
+    table = layer_cost_table(model, 2, [5, 20], Timer(torch.device("cpu"), warmup=0, repeats=1))
+    assert sorted(table) == [5, 20] and all(ms > 0 for ms in table.values())

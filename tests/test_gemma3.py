@@ -124,7 +124,10 @@ def test_kept_tokens_kv_entries_and_flops_match_the_accounting():
         expected = kept_tokens(ratios, t, v)
         assert expected[2:] == [t + int(r * v) for r in ratios[2:]]
         assert [layer[b] for layer in report.kept_per_layer] == expected
-        assert [layer[b] for layer in report.kv_entries_per_layer] == expected
+        kv = [layer[b] for layer in report.kv_entries_per_layer]  # the window cuts every sample (t + v > 11)
+        assert kv[:2] == [WINDOW - 1] * 2  # dense sliding layers: the stock sliding cache's last window - 1 tokens
+        assert kv[5] == expected[5]  # the global MoD layer: every kept token
+        assert all(0 < kv[i] <= min(expected[i], WINDOW - 1) for i in (2, 3, 4))  # MoD sliding: kept ones among those
     # each MoD layer's attention runs on exactly the kept tokens: its queries [B, Tk] and the real ones per row
     seen = {}
     layers = mllm_mod.adapter_for(model).layers(model)
@@ -220,26 +223,38 @@ def test_kept_tokens_keep_the_bidirectional_image_rule_and_the_window(layer_idx,
 
 
 def test_decoding_window_counts_original_positions_in_the_compact_cache():
-    """A decoding step at a sliding MoD layer attends exactly its cached entries whose original index is
-    within the window (index > q - window), whatever their slot in the compact cache."""
+    """A sliding MoD layer's compact cache keeps exactly its kept entries a later query can attend (original
+    index > seen - window), after the prefill and after each decoding step; a step attends all of them."""
     model = pmod_model()
     layer = mllm_mod.adapter_for(model).layers(model)[3]  # sliding, ratio 0.345
     inputs = gemma_inputs([1])
+    routes = []
+    route = layer.route
+    layer.route = lambda *a, **k: routes.append(route(*a, **k)) or routes[-1]
     with torch.no_grad():
         cache = output_cache(model(**inputs, use_cache=True))
+    del layer.route
+    kept = routes[0].order[0]  # [Tk] original indices of the prefill's kept tokens
+    length = inputs["input_ids"].shape[1]
+    entries = cache.layers[3]
+    assert kept.numel() == length - 32 + int(layer.ratio * 32) > WINDOW
+    assert torch.equal(entries.index[0], kept[kept > length - WINDOW])  # the window has passed the others
+    assert entries.kept_length() == int((kept > length - WINDOW).sum()) < WINDOW - 1
     got = {}
     hook = layer.base_layer.self_attn.register_forward_hook(lambda m, a, k, o: got.update(mask=k["attention_mask"]), with_kwargs=True)
-    length = inputs["input_ids"].shape[1]
-    step = dict(input_ids=torch.tensor([[7]]), attention_mask=torch.ones(1, length + 1, dtype=torch.long))
-    with torch.no_grad():
-        model(**step, **mllm_mod.compat.cache_kwargs(cache, type(model)), use_cache=True)
+    held = entries.index[0]
+    for step in range(WINDOW + 2):  # decoding past the window: every prefill entry goes
+        seen = length + step
+        ids = {"input_ids": torch.tensor([[7]]), "attention_mask": torch.ones(1, seen + 1, dtype=torch.long)}
+        with torch.no_grad():
+            model(**ids, **mllm_mod.compat.cache_kwargs(cache, type(model)), use_cache=True)
+        allowed = torch.ones(held.numel() + 1, dtype=torch.bool) if got["mask"] is None else _allowed(got["mask"]).reshape(-1)
+        assert bool(allowed.all())  # every entry held before the step is within its window, and itself
+        held = torch.cat([held, torch.tensor([seen])])
+        held = held[held > seen + 1 - WINDOW]
+        assert torch.equal(entries.index[0], held) and entries.kept_length() == held.numel() <= WINDOW - 1
     hook.remove()
-    entries = cache.layers[3]
-    assert entries.kept_length() == length - 32 + int(layer.ratio * 32) + 1  # text + kept image tokens + this step
-    expected = entries.index[0] > length - WINDOW  # the query is token `length`
-    assert not bool(expected.all()) and bool(expected[-1])
-    allowed = torch.ones_like(expected) if got["mask"] is None else _allowed(got["mask"]).reshape(-1)
-    assert torch.equal(allowed, expected)
+    assert int(entries.index.min()) >= length  # only decoding entries are left
 
 
 def test_gmod_from_an_arank_calibration_on_the_family():
