@@ -476,3 +476,69 @@ def test_lmms_eval_plugin_on_video_tasks_batches_equal_the_model_alone(family, w
         new = out[0, inputs["input_ids"].shape[1] :].tolist()
         new = new[: new.index(eos)] if eos in new else new
         assert generated[i] == processor.tokenizer.decode(new, skip_special_tokens=True).split(".")[0].strip(), i
+
+
+# -- labels under chat templates shaped like the released checkpoints' ---------------------------------
+SYSTEM = "answer the question with a word ."  # the default system turn ("You are a helpful assistant." in Qwen2-VL's)
+IM_TEMPLATE = (  # Qwen2-VL / Qwen2.5-VL (and InternVL's, with its own system prompt): ChatML, a default system turn
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "SYSTEM_PROMPT<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}IMAGE{% elif part['type'] == 'video' %}VIDEO"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+UTTERANCE_TEMPLATE = (  # Idefics3 / SmolVLM: "User:<image>...<end_of_utterance>\nAssistant: ...<end_of_utterance>\n"
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% elif part['type'] == 'image' %}"
+    "IMAGE{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+RELEASED_TEMPLATES = {  # family -> (template, image as the template writes it, end of an assistant turn)
+    "llava": (None, None, "</s>"),  # LLaVA-1.5-hf: "USER: <image>\n... ASSISTANT: ...</s>", the tiny template's shape
+    "internvl": (IM_TEMPLATE.replace("SYSTEM_PROMPT", SYSTEM), "<IMG_CONTEXT>\n", "<|im_end|>"),
+    "idefics3": (UTTERANCE_TEMPLATE, "<image>", "<end_of_utterance>"),
+    "smolvlm": (UTTERANCE_TEMPLATE, "<image>", "<end_of_utterance>"),
+    "qwen2_vl": (IM_TEMPLATE.replace("SYSTEM_PROMPT", SYSTEM), "<|vision_start|><image><|vision_end|>", "<|im_end|>"),
+    "qwen2_5_vl": (IM_TEMPLATE.replace("SYSTEM_PROMPT", SYSTEM), "<|vision_start|><image><|vision_end|>", "<|im_end|>"),
+    "qwen3_vl": (IM_TEMPLATE.replace("SYSTEM_PROMPT", SYSTEM), "<|vision_start|><image><|vision_end|>", "<|im_end|>"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_are_the_assistant_turns_under_the_released_chat_template(family, world):
+    """A two-turn conversation with a picture through the family's processor, its chat template shaped like the
+    released checkpoint's (ChatML with a default system turn; Idefics3 / SmolVLM's end-of-utterance turns): the
+    labels are exactly both answers with their end-of-turn tokens, in order; the system turn, the questions,
+    the role markers and every vision placeholder are not learned."""
+    from transformers import AutoConfig, AutoProcessor
+
+    base, synth = world["base"](family), world["root"] / "synth"
+    processor = AutoProcessor.from_pretrained(base)
+    template, image, end = RELEASED_TEMPLATES[family]
+    if template is not None:
+        processor.tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "<end_of_utterance>"], special_tokens=True)
+        processor.tokenizer.add_tokens(["system", "user", "assistant", "User", "Assistant"])  # role names
+        processor.chat_template = template.replace("IMAGE", image)
+    record = json.loads((synth / "train.json").read_text())[0]
+    record["conversations"] += [
+        {"from": "human", "value": "is there a red circle ?"},
+        {"from": "gpt", "value": "no , there is a blue square"},
+    ]
+    (item,) = ConversationDataset([record], processor, DataOptions(image_folder=str(synth)))
+    ids, labels = item["input_ids"], item["labels"]
+    learned = labels != IGNORE_INDEX
+    runs = torch.nonzero(learned[1:] != learned[:-1]).flatten().tolist()  # boundaries of the learned runs
+    assert len(runs) == 4 - int(bool(learned[-1])), runs  # two runs: each answer and its end of turn
+    tokens = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    answers = [record["conversations"][1]["value"], record["conversations"][3]["value"]]
+    spans = [(runs[0] + 1, runs[1] + 1), (runs[2] + 1, len(ids) if len(runs) == 3 else runs[3] + 1)]
+    for (start, stop), answer in zip(spans, answers):
+        assert processor.tokenizer.decode(ids[start:stop]) == f"{answer} {end}"
+        assert tokens[start - 1] in (":", "assistant")  # right after the role marker of the assistant turn
+    config = AutoConfig.from_pretrained(base)
+    vision = torch.isin(ids, torch.tensor(mllm_mod.adapter_for(config).vision_token_ids(config)))
+    assert int(vision.sum()) > 0 and not bool(learned[vision].any())
+    if template is not None:
+        assert tokens.count("<|im_start|>") == (5 if end == "<|im_end|>" else 1)  # system + 4 turns (ChatML)
+        assert processor.tokenizer.decode(ids[~learned]).count(SYSTEM) == (end == "<|im_end|>")

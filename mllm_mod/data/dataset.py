@@ -198,6 +198,8 @@ class ConversationDataset(Dataset):
         return encoded.tensors
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -len(self.records) <= index < len(self.records):  # ends `for item in dataset` (and list(dataset))
+            raise IndexError(f"sample index {index} out of range for {len(self.records)} samples")
         for attempt in range(len(self.records)):
             record = self.records[(index + attempt) % len(self.records)]
             try:
