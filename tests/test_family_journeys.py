@@ -13,6 +13,12 @@ batches hold rows of different lengths (left padding; dynamic-resolution and til
 vision-token counts too). Every loglikelihood row the plugin scores in a batch has, at every real position,
 the logits of that prompt + choice run alone through our own processor call (<= 1e-4), and its NLL; every
 generation is the model's greedy continuation of the prompt alone.
+
+Video (InternVL, SmolVLM, Qwen2-VL, Qwen2.5-VL, Qwen3-VL; LLaVA-1.5 and Idefics3 take none): `mllm-mod train
+--preset videomod` on LLaVA-JSON clips and the plugin on the synthetic video tasks, the same checks, plus: every
+frame read reaches the processor with its timing (not resampled, not assumed 24 fps) and each frame (a temporal
+patch for the Qwen VL families) keeps ceil(r * its tokens) in every MoD layer. Labels are also checked under
+chat templates shaped like the released checkpoints' (ChatML with a system turn; end-of-utterance turns).
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import pytest
 import torch
 from conftest import randomize_routers
 from logits import assert_logits_close
-from PIL import Image
 
 import mllm_mod
 from mllm_mod.data import IGNORE_INDEX, Collator, ConversationDataset, DataOptions
@@ -107,11 +112,25 @@ def lm_loss(model, batches: list[dict]) -> float:
         return sum(float(model(**b).loss) for b in batches) / len(batches)
 
 
+def recording_trainers(monkeypatch) -> list:
+    """The `MoDTrainer` objects `mllm-mod train` builds from now on (to read the trained model in memory)."""
+    from mllm_mod.train import recipe
+
+    trainers = []
+
+    class Recording(recipe.MoDTrainer):
+        def train(self, *args, **kwargs):
+            trainers.append(self)
+            return super().train(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "MoDTrainer", Recording)
+    return trainers
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_cli_through_the_family_processor_and_chat_template(family, world, tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoProcessor
 
-    import mllm_mod.train.recipe as recipe
     from mllm_mod.cli import main
 
     base, synth = world["base"](family), world["root"] / "synth"
@@ -134,14 +153,7 @@ def test_train_cli_through_the_family_processor_and_chat_template(family, world,
         n_vision = int(torch.isin(ids, placeholder_ids).sum())
         assert n_vision > 0 and not bool(torch.isin(ids[learned], placeholder_ids).any())
 
-    trainers = []
-
-    class Recording(recipe.MoDTrainer):
-        def train(self, *args, **kwargs):
-            trainers.append(self)
-            return super().train(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "MoDTrainer", Recording)
+    trainers = recording_trainers(monkeypatch)
     out = tmp_path / "out"
     argv = ["train", "--model", str(base), "--data", str(synth / "train.json"), "--image-folder", str(synth),
             "--output-dir", str(out), "--preset", "pmod", "--lr", "1e-3", "batch_size=4", "num_workers=0",
@@ -350,7 +362,7 @@ def test_a_read_clip_carries_its_timing_to_the_processor(clips):
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_videomod_train_cli_on_clips_through_the_family_processor(family, world, clips, tmp_path):
+def test_videomod_train_cli_on_clips_through_the_family_processor(family, world, clips, tmp_path, monkeypatch):
     """`mllm-mod train --preset videomod` on LLaVA-JSON clips: every frame read reaches the processor with its
     timing (not resampled, not assumed 24 fps), labels are the assistant turn, the loss goes down, each frame
     keeps ceil(r * its tokens) in every MoD layer, and the checkpoint reloads bit for bit."""
@@ -380,21 +392,12 @@ def test_videomod_train_cli_on_clips_through_the_family_processor(family, world,
         n = int(learned.sum())
         assert bool(learned[-n:].all()) and processor.tokenizer.decode(item["labels"][learned]).split()[0] == record["conversations"][1]["value"]
 
-    trainers = []
-    import mllm_mod.train.recipe as recipe
-
-    class Recording(recipe.MoDTrainer):
-        def train(self, *args, **kwargs):
-            trainers.append(self)
-            return super().train(*args, **kwargs)
-
+    trainers = recording_trainers(monkeypatch)
     out = tmp_path / "out"
     argv = ["train", "--model", str(base), "--data", str(synth / "train.json"), "--video-folder", str(synth),
             "--output-dir", str(out), "--preset", "videomod", "--lr", "1e-3", "--num-frames", str(CLIP_FRAMES),
             "batch_size=4", "num_workers=0", "max_steps=4", "gradient_checkpointing=false", "progress=false", "bf16=false"]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(recipe, "MoDTrainer", Recording)
-        assert main(argv) == 0
+    assert main(argv) == 0
     trained = trainers[0].model.eval()
     losses = [json.loads(line).get("loss") for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(x) for x in losses if x is not None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -64,7 +64,7 @@ class Clip(np.ndarray):
 
     metadata: dict[str, Any] | None
 
-    def __new__(cls, frames: np.ndarray, metadata: dict[str, Any] | None = None) -> Clip:
+    def __new__(cls, frames: np.ndarray, metadata: dict[str, Any] | None = None) -> Self:
         clip = np.asarray(frames).view(cls)
         clip.metadata = metadata
         return clip
