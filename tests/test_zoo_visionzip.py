@@ -164,3 +164,7 @@ def test_visionzip_through_the_plugin_and_the_command_line(tmp_path):
     processor.save_pretrained(tmp_path)
     lm = MoDLMM(pretrained=str(tmp_path), preset="visionzip", device="cpu", dtype="float32")  # the paper's 54 + 10
     assert drop_decision(lm.model).spec == VisionZipSpec()
+    lm = MoDLMM(pretrained=str(tmp_path), preset="visionzip", dominant="12", contextual="4", device="cpu", dtype="float32")
+    assert drop_decision(lm.model).spec == VisionZipSpec(dominant=12, contextual=4)  # the budget as the plugin's model args
+    with pytest.raises(TypeError, match="dominant"):
+        MoDLMM(pretrained=str(tmp_path), preset="pdrop", dominant="12", device="cpu", dtype="float32")

@@ -22,6 +22,8 @@ Model args (``--model_args k=v,...``; every value may arrive as a string):
     subset_ratio  ``divprune``: the fraction of the vision tokens retained (0.098)
     pruned_layer, reduction_ratio, pivot_image_token, pivot_text_token  ``dart``: K (2), the fraction of
                 image tokens pruned (0.778), the image and text pivots (4, 4)
+    dominant, contextual  ``visionzip``: dominant tokens per image, CLS included (54), and contextual
+                (merged) tokens per image (10)
     dense       ``true``: the same code path without MoD (a full checkpoint is unloaded, mod/preset ignored)
     dtype, attn_implementation, device, batch_size, max_new_tokens
     num_frames  frames sampled uniformly from each clip a task gives as a video file (default 8)
@@ -294,6 +296,8 @@ class MoDLMM(lmms):
         reduction_ratio: float | str | None = None,
         pivot_image_token: int | str | None = None,
         pivot_text_token: int | str | None = None,
+        dominant: int | str | None = None,
+        contextual: int | str | None = None,
         dense: bool | str = False,
         dtype: str | torch.dtype | None = "auto",
         attn_implementation: str | None = None,
@@ -338,6 +342,8 @@ class MoDLMM(lmms):
             "reduction_ratio": reduction_ratio,
             "pivot_image_token": pivot_image_token,
             "pivot_text_token": pivot_text_token,
+            "dominant": dominant,
+            "contextual": contextual,
         }
         if preset in ZOO:
             baseline, preset = zoo_spec(str(preset), **budget), None
