@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # dynamic-resolution families with M-RoPE
-FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "idefics3", "smolvlm", *QWEN_VL)
+FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "internvl", "idefics3", "smolvlm", *QWEN_VL, "gemma3")
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>")
 BASE_WORDS = (
     "USER : ASSISTANT SYSTEM what is the a an of in on at to and or yes no color shape how many left right "
@@ -139,6 +139,8 @@ def tiny_model(
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if family == "gemma3":
+        return gemma3_processor_model(num_layers, attn, words, seed, image_size or 32, patch_size or 4, device, **text_overrides)
     if family in QWEN_VL:
         return qwen_vl_model(family, num_layers, attn, words, seed, patch_size or 4, device, **text_overrides)
     if family in TILED:
@@ -395,3 +397,64 @@ def gemma3_model(
     config.pad_token_id = GEMMA3_TOKENS["pad"]
     model, _ = instantiate(tf.Gemma3ForConditionalGeneration, config, None, attn, seed, device)
     return model
+
+
+# Gemma 3's tokenizer names its image tokens as the processor reads them; its turns are special tokens
+GEMMA3_SPECIALS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")
+GEMMA3_CHAT_TEMPLATE = (  # the released gemma-3 template (an optional system turn folded into the first user turn)
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- else -%}{{ raise_exception('Invalid content type') }}{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def gemma3_processor_model(
+    num_layers: int, attn: str, words: Iterable[str], seed: int, image_size: int, patch_size: int,
+    device: str | torch.device, mm_tokens_per_image: int = 16, sliding_window: int = 12, **text_overrides,
+):
+    """Gemma 3 with its stock processor (`Gemma3Processor`, `Gemma3ImageProcessor` at `image_size` px): the
+    chat template (the released one) writes ``<start_of_image>`` per picture, which the processor expands to
+    ``\\n\\n<start_of_image> <image_soft_token> * mm_tokens_per_image <end_of_image>\\n\\n`` and marks with
+    ``token_type_ids`` 1 (the bidirectional blocks of the stock mask). Layers alternate sliding (window 12)
+    and global attention; with fewer than 6 layers the last one is global, so both kinds are present."""
+    import transformers as tf
+
+    tokenizer = build_tokenizer([*words, "user", "model"], GEMMA3_SPECIALS, GEMMA3_TURNS)
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    layer_types = ["full_attention" if (i + 1) % 6 == 0 or (num_layers < 6 and i == num_layers - 1) else "sliding_attention"
+                   for i in range(num_layers)]  # fmt: skip
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, max_position_embeddings=2048,
+        sliding_window=sliding_window, layer_types=layer_types, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    text.update(text_overrides)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    config = tf.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens_per_image,
+        boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id, image_token_index=tokenizer.image_token_id,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    size = {"height": image_size, "width": image_size}
+    image_processor = tf.Gemma3ImageProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = tf.Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=mm_tokens_per_image
+    )
+    return instantiate(tf.Gemma3ForConditionalGeneration, config, processor, attn, seed, device)

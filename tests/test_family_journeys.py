@@ -39,7 +39,7 @@ from mllm_mod.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llava", "internvl", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["llava", "internvl", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # what the family's processor puts around / in place of a picture (the chat template writes the first)
 MARKERS = {
@@ -50,7 +50,12 @@ MARKERS = {
     "qwen2_vl": "<|vision_start|>",
     "qwen2_5_vl": "<|vision_start|>",
     "qwen3_vl": "<|vision_start|>",
+    "gemma3": "<start_of_image>",
 }
+# how the tiny chat templates lay out a turn: (prompt start, prompt end, end of an assistant turn); Gemma 3's
+# is the released gemma-3 template (<start_of_turn>user / model ... <end_of_turn>, BOS written by the template)
+TURNS = {family: ("USER :", "ASSISTANT :", "</s>") for family in FAMILIES}
+TURNS["gemma3"] = ("<s> <start_of_turn> user", "<start_of_turn> model", "<end_of_turn>")
 # the evaluation documents get their own picture size (w, h) and question, so a batch is left padded
 DOC_SIZES = [(30, 30), (46, 30), (38, 62)]
 DOC_QUESTIONS = [
@@ -146,9 +151,10 @@ def test_train_cli_through_the_family_processor_and_chat_template(family, world,
         n = int(learned.sum())
         # exactly the assistant turn: the last n tokens, the answer and its end of turn, nothing else
         assert n > 0 and bool(learned[-n:].all()) and torch.equal(labels[learned], ids[-n:])
-        assert tokenizer.decode(labels[learned]) == f"{record['conversations'][1]['value']} </s>"
+        start, end, eot = TURNS[family]
+        assert tokenizer.decode(labels[learned]) == f"{record['conversations'][1]['value']} {eot}"
         prompt = tokenizer.decode(ids[:-n])
-        assert prompt.startswith("USER :") and prompt.rstrip().endswith("ASSISTANT :")
+        assert prompt.startswith(start) and prompt.rstrip().endswith(end)
         assert record["conversations"][0]["value"].split("\n")[-1] in prompt and MARKERS[family] in prompt
         n_vision = int(torch.isin(ids, placeholder_ids).sum())
         assert n_vision > 0 and not bool(torch.isin(ids[learned], placeholder_ids).any())
@@ -194,6 +200,96 @@ def test_train_cli_through_the_family_processor_and_chat_template(family, world,
     with torch.no_grad():
         for batch in batches:
             assert torch.equal(reloaded(**batch).logits, trained(**batch).logits)
+
+
+# -- Gemma 3: the bidirectional image blocks come from token_type_ids, in training and in evaluation -------
+def differs_without(model, batch: dict, key: str) -> float:
+    """Largest logit change when `key` is left out of the batch (how much a test that keeps it can see)."""
+    with torch.no_grad():
+        return float((model(**batch).logits - model(**{k: v for k, v in batch.items() if k != key}).logits).abs().max())
+
+
+def test_gemma3_training_batches_carry_the_processors_token_type_ids(world):
+    """Gemma 3's processor marks each image's placeholders with ``token_type_ids`` 1; the stock model makes an
+    image's tokens attend to each other both ways only when they are passed. The dataset keeps them per
+    token (truncated with the ids), the collator right-pads them with 0, and a collated batch gives, at
+    every real position, the logits of the stock model (and of a MoD model) on the processor's own output
+    for that sample alone, token_type_ids included (<= 1e-4). Leaving them out changes the logits far more."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mllm_mod.data.conversation import assistant_spans, to_messages
+
+    base, synth = world["base"]("gemma3"), world["root"] / "synth"
+    processor = AutoProcessor.from_pretrained(base)
+    records = json.loads((synth / "train.json").read_text())[:4]
+    for i, record in enumerate(records):  # questions of different lengths: a padded batch
+        record["conversations"][0]["value"] += " in the picture" * i
+    data = ConversationDataset(records, processor, DataOptions(image_folder=str(synth)))
+    items = [data[i] for i in range(len(records))]
+    image_id = processor.tokenizer.image_token_id
+    for item in items:  # [T]: 1 exactly on the image placeholders (not on <start_of_image> / <end_of_image>)
+        assert item["token_type_ids"].shape == item["input_ids"].shape
+        assert torch.equal(item["token_type_ids"], (item["input_ids"] == image_id).long())
+    assert len({int(item["input_ids"].numel()) for item in items}) > 1  # the batch is padded
+    batch = Collator(processor.tokenizer.pad_token_id)(items)
+    for b, item in enumerate(items):  # right padding, with 0 (no image block in the padding)
+        n = item["input_ids"].numel()
+        assert torch.equal(batch["token_type_ids"][b, :n], item["token_type_ids"]) and not bool(batch["token_type_ids"][b, n:].any())
+
+    stock = AutoModelForImageTextToText.from_pretrained(base).eval()
+    mod = mllm_mod.retrofit(AutoModelForImageTextToText.from_pretrained(base).eval(), "pmod")
+    randomize_routers(mod)
+    forward = {k: v for k, v in batch.items() if k != "labels"}
+    for name, model in (("stock", stock), ("pmod", mod)):
+        with torch.no_grad():
+            logits = model(**forward).logits.float()
+            for b, record in enumerate(records):
+                text, _ = assistant_spans(processor, to_messages(record["conversations"]))
+                image = Image.open(synth / record["image"]).convert("RGB")
+                alone = processor(text=[text], images=[image], return_tensors="pt")  # the processor's own output
+                assert torch.equal(alone["token_type_ids"][0], items[b]["token_type_ids"])
+                n = alone["input_ids"].shape[1]
+                assert_logits_close(logits[b, :n], model(**alone).logits[0].float(), f"collated batch == processor alone (gemma3, {name})")
+        assert differs_without(model, forward, "token_type_ids") > 1e-2  # a batch without them would fail the check
+
+    # truncation keeps them aligned with the ids (a cut in the answer)
+    n = items[0]["input_ids"].numel()
+    (cut,) = ConversationDataset(records[:1], processor, DataOptions(image_folder=str(synth), max_length=n - 1))
+    assert torch.equal(cut["token_type_ids"], items[0]["token_type_ids"][: n - 1])
+
+
+def test_gemma3_plugin_left_pads_the_token_type_ids(world, monkeypatch):
+    """The plugin's batches (left padded by the processor) carry ``token_type_ids`` aligned with the ids, 0 on
+    the padding; the batched prompts' logits == each prompt alone with its token_type_ids (<= 1e-4), and
+    leaving them out would change the logits."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from mllm_mod.eval.lmms_plugin import MoDLMM
+
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    base = world["base"]("gemma3")
+    lm = MoDLMM(pretrained=str(base), preset="pmod", dtype="float32", batch_size="3")
+    randomize_routers(lm.model)
+    images = [Image.new("RGB", size, colour) for size, colour in zip(DOC_SIZES, ("red", "green", "blue"))]
+    prompts = [lm.prompt(question, [image]) for question, image in zip(DOC_QUESTIONS, images)]
+    batch = lm.encode(prompts, [[image] for image in images])
+    image_id = lm.tokenizer.image_token_id
+    assert torch.equal(batch["token_type_ids"], (batch["input_ids"] == image_id).long())
+    assert bool((batch["attention_mask"] == 0).any()) and not bool(batch["token_type_ids"][batch["attention_mask"] == 0].any())
+    stock = AutoModelForImageTextToText.from_pretrained(base).eval()
+    for name, model in (("stock", stock), ("pmod", lm.model)):
+        with torch.no_grad():
+            logits = model(**batch).logits.float()
+            for b, (prompt, image) in enumerate(zip(prompts, images)):
+                alone = lm.encode([prompt], [[image]])
+                n = alone["input_ids"].shape[1]
+                assert torch.equal(batch["input_ids"][b, -n:], alone["input_ids"][0])
+                assert torch.equal(batch["token_type_ids"][b, -n:], alone["token_type_ids"][0])
+                assert_logits_close(logits[b, -n:], model(**alone).logits[0].float(), f"plugin batch == alone (gemma3, {name})")
+        assert differs_without(model, batch, "token_type_ids") > 1e-2
 
 
 # -- the lmms-eval plugin -----------------------------------------------------------------------------
@@ -505,6 +601,7 @@ RELEASED_TEMPLATES = {  # family -> (template, image as the template writes it, 
     "qwen2_vl": (IM_TEMPLATE.replace("SYSTEM_PROMPT", SYSTEM), "<|vision_start|><image><|vision_end|>", "<|im_end|>"),
     "qwen2_5_vl": (IM_TEMPLATE.replace("SYSTEM_PROMPT", SYSTEM), "<|vision_start|><image><|vision_end|>", "<|im_end|>"),
     "qwen3_vl": (IM_TEMPLATE.replace("SYSTEM_PROMPT", SYSTEM), "<|vision_start|><image><|vision_end|>", "<|im_end|>"),
+    "gemma3": (None, None, "<end_of_turn>"),  # the tiny template is the released gemma-3 one (a system turn folds in)
 }
 
 
@@ -524,6 +621,8 @@ def test_labels_are_the_assistant_turns_under_the_released_chat_template(family,
         processor.tokenizer.add_tokens(["system", "user", "assistant", "User", "Assistant"])  # role names
         processor.chat_template = template.replace("IMAGE", image)
     record = json.loads((synth / "train.json").read_text())[0]
+    if family == "gemma3":  # the released template writes a system turn at the start of the first user turn
+        record["conversations"].insert(0, {"from": "system", "value": SYSTEM})
     record["conversations"] += [
         {"from": "human", "value": "is there a red circle ?"},
         {"from": "gpt", "value": "no , there is a blue square"},
@@ -534,14 +633,17 @@ def test_labels_are_the_assistant_turns_under_the_released_chat_template(family,
     runs = torch.nonzero(learned[1:] != learned[:-1]).flatten().tolist()  # boundaries of the learned runs
     assert len(runs) == 4 - int(bool(learned[-1])), runs  # two runs: each answer and its end of turn
     tokens = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
-    answers = [record["conversations"][1]["value"], record["conversations"][3]["value"]]
+    answers = [turn["value"] for turn in record["conversations"] if turn["from"] == "gpt"]
     spans = [(runs[0] + 1, runs[1] + 1), (runs[2] + 1, len(ids) if len(runs) == 3 else runs[3] + 1)]
     for (start, stop), answer in zip(spans, answers):
         assert processor.tokenizer.decode(ids[start:stop]) == f"{answer} {end}"
-        assert tokens[start - 1] in (":", "assistant")  # right after the role marker of the assistant turn
+        assert tokens[start - 1] in (":", "assistant", "model")  # right after the role marker of the assistant turn
     config = AutoConfig.from_pretrained(base)
     vision = torch.isin(ids, torch.tensor(mllm_mod.adapter_for(config).vision_token_ids(config)))
     assert int(vision.sum()) > 0 and not bool(learned[vision].any())
     if template is not None:
         assert tokens.count("<|im_start|>") == (5 if end == "<|im_end|>" else 1)  # system + 4 turns (ChatML)
         assert processor.tokenizer.decode(ids[~learned]).count(SYSTEM) == (end == "<|im_end|>")
+    if family == "gemma3":  # <start_of_turn> user SYSTEM <start_of_image> ...: the system text, unlearned, once
+        assert tokens.count("<start_of_turn>") == 4 and tokens.count("<end_of_turn>") == 4
+        assert processor.tokenizer.decode(ids[~learned]).count(SYSTEM) == 1 and SYSTEM not in processor.tokenizer.decode(ids[learned])

@@ -28,7 +28,9 @@ _SPLIT = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS.values()) 
 IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_attention_mask")
 VIDEO_KEYS = ("pixel_values_videos", "video_sizes")
 COUNT_KEYS = {"batch_num_images": "image"}
-TEXT_KEYS = ("input_ids", "attention_mask")
+# per-token processor outputs ([T] per sample; padded and truncated with the ids): Gemma 3's
+# ``token_type_ids`` (1 on image tokens: the stock mask's bidirectional blocks), ``mm_token_type_ids``
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
 def to_messages(conversations: list[dict[str, Any]]) -> list[dict[str, Any]]:

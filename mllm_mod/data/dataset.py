@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .conversation import COUNT_KEYS, IGNORE_INDEX, count_placeholders, encode, to_messages, truncate
+from .conversation import COUNT_KEYS, IGNORE_INDEX, TEXT_KEYS, count_placeholders, encode, to_messages, truncate
 from .media import DataError, as_list, load_image, load_video, resolve
 
 logger = logging.getLogger(__name__)
@@ -223,8 +223,10 @@ def pad_stack(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
 
 @dataclass
 class Collator:
-    """Right-pads token tensors to the longest sample ([B, T]); concatenates vision tensors over the
-    batch's images/videos, zero-padding their inner dims (LLaVA-NeXT patch counts differ per image)."""
+    """Right-pads token tensors to the longest sample ([B, T]: ids with the pad id, labels with
+    `IGNORE_INDEX`, the attention mask and per-token types such as Gemma 3's ``token_type_ids`` with 0);
+    concatenates vision tensors over the batch's images/videos, zero-padding their inner dims (LLaVA-NeXT
+    patch counts differ per image)."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
@@ -234,7 +236,11 @@ class Collator:
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch: dict[str, torch.Tensor] = {}
-        for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        pads = {key: 0 for key in TEXT_KEYS if any(key in s for s in samples)}
+        pads.update(input_ids=self.pad_token_id, labels=IGNORE_INDEX)
+        for key, value in pads.items():
+            if not all(key in s for s in samples):
+                raise ValueError(f"{key!r} in some samples of a batch only")
             batch[key] = torch.stack([F.pad(s[key], (0, length - s[key].shape[0]), value=value) for s in samples])
         for key in COUNT_KEYS:
             if any(key in s for s in samples):
