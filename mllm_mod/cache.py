@@ -124,7 +124,7 @@ class MoDCacheLayer(DynamicLayer):
     def slide(self) -> None:
         """Drop the slots no later query can attend (index ``<= seen - window`` in every row); see the class doc."""
         threshold = self.seen - self.window
-        if threshold < 0 or self._entries == 0 or self.keys is None or self.keys.shape[-2] != self._entries:
+        if threshold < 0 or self._entries == 0 or self.kept_length() != self._entries:
             return  # nothing can be dead yet, or the chunk's K/V are not stored yet (`update` slides then)
         if self._expiry is None:
             self._compact(threshold)
@@ -477,18 +477,24 @@ def kv_entries(cache: Cache, attention_mask: torch.Tensor | None = None) -> list
     A MoD layer: its filled entries (kept tokens, padding included; filler slots and the invalid slots of a
     windowed layer's compaction excluded). A dense layer: the tokens it holds (a sliding-window layer the
     last ``window - 1``; a static layer its entries, not its allocated length). `attention_mask` [B, S] (the
-    2-D padding mask of the whole sequence): count real tokens only (padding excluded)."""
+    2-D padding mask of the sequence the cache holds): count real tokens only. Padding is taken as held by
+    every layer (MoD layers keep their padding, a dense layer every token), except where a sliding window
+    dropped it: a windowed MoD layer counts its valid entries, a stock sliding layer the real tokens among
+    the last ones it holds."""
+    padding = None if attention_mask is None else (attention_mask.shape[1] - attention_mask.long().sum(dim=1)).cpu()  # [B]
     out = []
     for layer in cache.layers:
         if isinstance(layer, MoDCacheLayer):
-            held = layer.valid if attention_mask is not None else layer.filled  # valid: filled and not padding
-            out.append(held.sum(dim=1).cpu())
+            if padding is not None and layer.window is not None:
+                out.append(layer.valid.sum(dim=1).cpu())  # valid: filled and not padding
+            else:
+                out.append(layer.filled.sum(dim=1).cpu() - (0 if padding is None else padding))
             continue
         held = _dense_held(layer)
-        if attention_mask is None:
-            out.append(torch.full((layer.keys.shape[0],), held, dtype=torch.long))
-        else:  # the held tokens are the sequence's last `held`
+        if padding is not None and getattr(layer, "is_sliding", False):  # the held tokens are the sequence's last
             out.append(attention_mask[:, attention_mask.shape[1] - held :].long().sum(dim=1).cpu())
+        else:
+            out.append(torch.full((layer.keys.shape[0],), held, dtype=torch.long) - (0 if padding is None else padding))
     return out
 
 

@@ -27,6 +27,10 @@ Conventions that are the same across the range, named here so a change has one h
   ``StaticCache``, ``cache_implementation="static"``) has ``max_cache_len`` and is replaced by the static
   compact cache layer. With a static cache, generate passes each forward a 4-D mask [B, 1, T, max_cache_len]
   (``create_masks_for_generate``) instead of the 2-D padding mask;
+- a sliding-window layer's dynamic cache (``DynamicSlidingWindowLayer``, ``is_sliding = True``) keeps the last
+  ``window - 1`` tokens after each update, and its mask lets query q attend keys ``kv > q - window``: a MoD
+  sliding layer's compact cache drops by the same rule (`cache.MoDCacheLayer.slide`), and `cache.kv_entries`
+  reads a stock sliding layer's entries from its K/V length;
 - generate compiles its decoding steps on any device when ``CompileConfig._compile_all_devices`` is set
   (transformers' own switch for tests; otherwise only on accelerators).
 """

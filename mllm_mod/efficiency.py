@@ -111,7 +111,7 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
     kept = [stats[i].kept.tolist() if i in stats else n_tokens for i in range(len(layers))]
     entries = [e.tolist() for e in kv_entries(cache, attention_mask)]  # real entries (padding excluded)
     element = next(iter(cache.layers)).keys.element_size()
-    windows = [layer.window if isinstance(layer, MoDLayer) else attention_window(layer.self_attn) for layer in layers]
+    windows = [layer.window if isinstance(layer, MoDLayer) else _window(layer) for layer in layers]
     cached = [stats[i].cached.tolist() if i in stats and stats[i].cached is not None else None for i in range(len(layers))]
 
     dense_cost = [prefill_cost(shape, [1.0] * len(layers), t, v, element, windows=windows) for t, v in zip(n_text, n_vision)]
@@ -149,6 +149,13 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
         mismatches=mismatches,
         side_flops=side if side else [0.0] * len(n_text),
     )
+
+
+def _window(layer: nn.Module) -> int | None:
+    """The sliding window of a decoder layer that is not a MoD layer (None: global attention, or no attention
+    module to read it from)."""
+    attention = getattr(layer, "self_attn", None)
+    return None if attention is None else attention_window(attention)
 
 
 def n_vision_any(n_vision: list[int]) -> bool:
