@@ -3,11 +3,18 @@ tiny models of the real classes: each method's kept tokens and KV entries per la
 different vision counts per sample, left padding), a left-padded batch == each sample alone and cached ==
 uncached generation on the logits; on Qwen2.5-VL the shortened sequence keeps its tokens' gathered M-RoPE
 positions (DivPrune pinned against the stock decoder run on the shortened embeddings at the gathered 3-D
-position ids); VisionZip refused with its reason (tests/test_zoo_visionzip.py)."""
+position ids); VisionZip refused with its reason (tests/test_zoo_visionzip.py).
+
+Gemma 3 (its own processor: 16-token images with ``token_type_ids``, 12-token sliding windows): random drop, VTW
+and DivPrune run (kept tokens == accounted, batch == alone, cached == uncached; DivPrune keeping every token ==
+the stock model, so the shorter sequence keeps the bidirectional image blocks and the window); FastV, PyramidDrop
+and DART are refused (their rankings recompute Llama-style attention, and Gemma 3 normalizes queries and keys),
+VisionZip too (SigLIP has no CLS token)."""
 
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -19,7 +26,7 @@ import mllm_mod
 from mllm_mod.cache import MoDCacheLayer
 from mllm_mod.compat import output_cache
 from mllm_mod.eval.baselines import apply_baseline
-from mllm_mod.eval.zoo import DARTSpec, DivPruneSpec, PDropSpec, VTWSpec
+from mllm_mod.eval.zoo import DARTSpec, DivPruneSpec, PDropSpec, VisionZipSpec, VTWSpec
 from mllm_mod.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,3 +156,74 @@ def test_pdrop_on_qwen_ranks_with_the_layers_own_mrope_attention():
     with torch.no_grad():
         entry = output_cache(model(**inputs, use_cache=True)).layers[1]
     assert [p for p in entry.index[0][entry.filled[0]].tolist() if p in set(vision.tolist())] == kept
+
+
+# -- Gemma 3 ----------------------------------------------------------------------------------------------
+GEMMA3_RUNS = ["random", "vtw", "divprune"]
+GEMMA3_REFUSED = {  # method -> (spec, what the error names); FastV's ranking refuses in the forward
+    "fastv": ("fastv", "Llama-style attention, not Gemma3Attention"),
+    "pdrop": (PDropSpec((1, 2, 3), 0.5), "Gemma3Attention normalizes its queries and keys"),
+    "dart": (DART, "Llama-style attention, not Gemma3Attention"),
+    "visionzip": (VisionZipSpec(), "Gemma 3 is not supported: VisionZip needs a CLIP tower whose CLS attention"),
+}
+GEMMA3_QUESTIONS = [("what color is it ?", 1), ("what is the color of the object in the picture ?", 2), ("how many ?", 1)]
+
+
+def gemma3_inputs(processor, samples=(0, 1, 2)) -> dict:
+    """Left-padded prompts through Gemma 3's processor and chat template: 1, 2 and 1 pictures (16 tokens each,
+    ``token_type_ids`` 1 on them), questions of different lengths."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    texts, images = [], []
+    for s in samples:
+        question, n = GEMMA3_QUESTIONS[s]
+        content = [*[{"type": "image"}] * n, {"type": "text", "text": question}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False))
+        images.append(pictures[s : s + n])
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("method", GEMMA3_RUNS)
+def test_gemma3_kept_tokens_batch_equals_single_and_cached_equals_uncached(method):
+    model, processor = tiny_model("gemma3", num_layers=4)
+    apply_baseline(model, METHODS[method])
+    batch = gemma3_inputs(processor)
+    assert "token_type_ids" in batch and min(batch["attention_mask"].sum(1).tolist()) > model.config.text_config.sliding_window
+    report = mllm_mod.efficiency(model, batch)
+    assert report.accounting_matches, report.mismatches
+    assert report.n_vision == [16, 32, 16]
+    for b, (t, v) in enumerate(zip(report.n_text, report.n_vision)):
+        assert [k[b] for k in report.kept_per_layer] == [t + k for k in expected_vision(method, v)]
+    alone = [gemma3_inputs(processor, (i,)) for i in range(3)]
+    assert_batch_equals_single(model, batch, alone, 3, f"left-padded batch == alone ({method}, gemma3)")
+    assert_cached_equals_uncached(model, batch, 3, f"cached == uncached ({method}, gemma3)")
+
+
+def test_gemma3_divprune_keeping_every_token_is_the_stock_model():
+    """DivPrune at subset_ratio 1 (the whole shortened-sequence path, nothing dropped) == the stock model given
+    the processor's token_type_ids: the zoo's layers keep Gemma 3's bidirectional image blocks and its window
+    (without token_type_ids the stock logits differ)."""
+    model, processor = tiny_model("gemma3", num_layers=4)
+    batch = gemma3_inputs(processor)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        stock = model(**batch).logits
+        causal = model(**{k: v for k, v in batch.items() if k != "token_type_ids"}).logits
+    assert float((stock - causal)[real].abs().max()) > 1e-2
+    apply_baseline(model, DivPruneSpec(1.0))
+    with torch.no_grad():
+        assert_logits_close(model(**batch).logits[real], stock[real], "divprune keeping every token == stock (gemma3)")
+
+
+@pytest.mark.parametrize("method", list(GEMMA3_REFUSED))
+def test_gemma3_refusals_name_the_reason(method):
+    model, processor = tiny_model("gemma3", num_layers=4)
+    spec, reason = GEMMA3_REFUSED[method]
+    with pytest.raises(NotImplementedError, match=re.escape(reason)):
+        apply_baseline(model, spec)
+        with torch.no_grad():
+            model(**gemma3_inputs(processor))

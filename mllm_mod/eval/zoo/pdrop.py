@@ -117,5 +117,15 @@ def apply_pdrop(model: nn.Module, spec: PDropSpec | None = None, **fields) -> nn
     from ...adapters import adapter_for
 
     spec = spec or PDropSpec(**fields)
-    num_layers = len(adapter_for(model).layers(model))
+    layers = adapter_for(model).layers(model)
+    num_layers = len(layers)
+    for stage in spec.stages(num_layers):  # refused before anything is installed, not in the first forward
+        attn = layers[stage.start].self_attn
+        if hasattr(attn, "q_norm") or not hasattr(attn, "k_proj"):
+            raise NotImplementedError(
+                f"pdrop: the ranking recomputes each boundary layer's attention row Llama-style (q/k projections, "
+                f"RoPE, no q/k norms), and layer {stage.start}'s {type(attn).__name__} "
+                + ("normalizes its queries and keys (q_norm, k_norm)" if hasattr(attn, "q_norm") else "has no k_proj")
+                + "; not implemented"
+            )
     return install(model, spec, spec.stages(num_layers), rule, positions=sequence_positions(model))
