@@ -19,6 +19,12 @@ Video (InternVL, SmolVLM, Qwen2-VL, Qwen2.5-VL, Qwen3-VL; LLaVA-1.5 and Idefics3
 frame read reaches the processor with its timing (not resampled, not assumed 24 fps) and each frame (a temporal
 patch for the Qwen VL families) keeps ceil(r * its tokens) in every MoD layer. Labels are also checked under
 chat templates shaped like the released checkpoints' (ChatML with a system turn; end-of-utterance turns).
+
+Gemma 3 (its stock Gemma3Processor, the released gemma-3 chat template with a system turn folded into the first
+user turn): the processor's ``token_type_ids`` (1 on each image's placeholders: the stock model's bidirectional
+blocks) reach the model in training (kept per token, truncated with the ids, right-padded with 0) and in the
+plugin (left padded): a collated batch and a plugin batch give the logits of the stock model, and of a MoD
+model, on the processor's own output for each sample alone (<= 1e-4); without them the logits differ.
 """
 
 from __future__ import annotations
