@@ -133,7 +133,8 @@ def tiny_model(
     `image_size` defaults to 30 (a 5x5 patch grid), 24 for LLaVA-NeXT-Video, whose processor counts
     ``grid // 4`` tokens per frame and so needs an even grid. InternVL, Idefics3 and SmolVLM use 24-px
     tiles / sub-images of 4-px patches (a 6x6 grid, pixel-shuffled by 2: 9 placeholders each); the others
-    6-px patches.
+    6-px patches. Gemma 3 (`gemma3_processor_model`): its stock processor and the released chat template,
+    32-px images in 4-px patches pooled to 16 placeholders.
     """
     import transformers as tf
 
@@ -396,6 +397,16 @@ def gemma3_model(
     )
     config.pad_token_id = GEMMA3_TOKENS["pad"]
     model, _ = instantiate(tf.Gemma3ForConditionalGeneration, config, None, attn, seed, device)
+    return model  # the stock init: a zero projector (tests/test_gemma3.py feeds the images' tokens as they come)
+
+
+def see_images(model, seed: int):
+    """Gemma 3's stock init zeroes the projector (``mm_input_projection_weight``), so a random model's image
+    tokens would all embed to 0 and the pictures would not matter: give it seeded random weights instead."""
+    weight = model.model.multi_modal_projector.mm_input_projection_weight
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=generator) * weight.shape[0] ** -0.5)
     return model
 
 
@@ -457,4 +468,5 @@ def gemma3_processor_model(
     processor = tf.Gemma3Processor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=mm_tokens_per_image
     )
-    return instantiate(tf.Gemma3ForConditionalGeneration, config, processor, attn, seed, device)
+    model, processor = instantiate(tf.Gemma3ForConditionalGeneration, config, processor, attn, seed, device)
+    return see_images(model, seed), processor

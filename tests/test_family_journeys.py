@@ -247,6 +247,9 @@ def test_gemma3_training_batches_carry_the_processors_token_type_ids(world):
     mod = mllm_mod.retrofit(AutoModelForImageTextToText.from_pretrained(base).eval(), "pmod")
     randomize_routers(mod)
     forward = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():  # the pictures matter (the tiny projector is random, not the stock init's zeros)
+        swapped = stock(**{**forward, "pixel_values": forward["pixel_values"].flip(0)}).logits
+        assert float((swapped - stock(**forward).logits).abs().max()) > 1e-2
     for name, model in (("stock", stock), ("pmod", mod)):
         with torch.no_grad():
             logits = model(**forward).logits.float()
