@@ -268,6 +268,37 @@ def test_gemma3_training_batches_carry_the_processors_token_type_ids(world):
     assert torch.equal(cut["token_type_ids"], items[0]["token_type_ids"][: n - 1])
 
 
+def test_gemma3_gradient_checkpointing_gives_the_same_gradients(world):
+    """A collated Gemma 3 batch (token_type_ids, sliding windows, sandwich norms) through a pmod model in
+    training mode: the MoD layers recomputed under gradient checkpointing give the plain gradients."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mllm_mod.compat import enable_checkpointing
+    from mllm_mod.train.params import set_trainable
+
+    base, synth = world["base"]("gemma3"), world["root"] / "synth"
+    processor = AutoProcessor.from_pretrained(base)
+    data = ConversationDataset(synth / "train.json", processor, DataOptions(image_folder=str(synth)))
+    batch = Collator(processor.tokenizer.pad_token_id)([data[i] for i in range(4)])
+    model = mllm_mod.retrofit(AutoModelForImageTextToText.from_pretrained(base), "pmod")
+    randomize_routers(model)
+    set_trainable(model)
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    enable_checkpointing(model, {"use_reentrant": False})
+    assert all(m.gradient_checkpointing for m in model.modules() if isinstance(m, mllm_mod.MoDLayer))
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and any(".router." in k for k in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_gemma3_plugin_left_pads_the_token_type_ids(world, monkeypatch):
     """The plugin's batches (left padded by the processor) carry ``token_type_ids`` aligned with the ids, 0 on
     the padding; the batched prompts' logits == each prompt alone with its token_type_ids (<= 1e-4), and
