@@ -163,3 +163,21 @@ def test_window_entries_formula():
     mod = prefill_cost(shape, [1.0, 0.5, 0.5], 40, 60, windows=windows, text_after=20, kv_entries_per_layer=[None, None, 27])
     assert mod.kv_entries_per_layer == [30, 70, 27]
     assert mod.kv_bytes == (30 + 70 + 27) * shape.kv_bytes_per_entry(2)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mistral"])
+def test_the_plugin_meter_counts_what_the_prefill_processed_and_holds(name):
+    """lmms-eval's meter reads the prompt's costs from a cache: past the window it must still count every kept
+    token a layer processed (FLOPs) and only the entries it holds (KV), as `efficiency` measures them."""
+    from mllm_mod.eval.meter import prompt_tokens_per_layer, windowed
+
+    model, inputs, window = routed(name)
+    report = efficiency(model, inputs)
+    with torch.no_grad():
+        cache = output_cache(model(**inputs, use_cache=True))
+        generated, _ = generate_cache(model, inputs, window + 2)
+    assert windowed(cache) and windowed(generated)
+    processed = [t.tolist() for t in prompt_tokens_per_layer(cache, inputs["attention_mask"])]
+    assert processed == report.kept_per_layer
+    assert [e.tolist() for e in kv_entries(cache, inputs["attention_mask"])] == report.kv_entries_per_layer
+    assert processed != report.kv_entries_per_layer  # the window did drop prompt entries: the two counts differ

@@ -59,10 +59,12 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from ..cache import kv_entries
 from ..compat import output_cache
+from ..data.conversation import template_text_kwargs
 from ..data.media import video_processor_kwargs
 from .baselines import BASELINES, RENAMED, DropSpec, ranking_at
-from .meter import FirstStepTimer, Meter, prefill_flops, prompt_kv_bytes, prompt_tokens_per_layer, synchronize
+from .meter import FirstStepTimer, Meter, prefill_flops, prompt_kv_bytes, prompt_tokens_per_layer, synchronize, windowed
 from .zoo import ZOO, ZooSpec, zoo_spec
 
 logger = logging.getLogger(__name__)
@@ -424,7 +426,8 @@ class MoDLMM(lmms):
         if any(videos) and getattr(self.processor, "video_processor", None) is None:
             raise NotImplementedError(f"{type(self.processor).__name__} takes no videos; use a video-capable model")
         inputs = self.processor(
-            text=texts, images=images, padding=True, return_tensors="pt", **video_processor_kwargs(videos)
+            text=texts, images=images, padding=True, return_tensors="pt", **video_processor_kwargs(videos),
+            **template_text_kwargs(self.tokenizer, texts),  # no second BOS after the template's
         )
         dtype = self.model.dtype
         return {k: v.to(self._device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()}
@@ -512,11 +515,14 @@ class MoDLMM(lmms):
 
     def add_prompt_costs(self, inputs: dict[str, torch.Tensor], cache: Any) -> None:
         """Prompt KV bytes and prefill FLOPs of a batch, from the cache its timed forward filled (read after
-        the timing); without one (``use_cache=False`` in a task's generation kwargs) an untimed prefill fills one."""
-        if cache is None:
+        the timing); without one (``use_cache=False`` in a task's generation kwargs), or where a sliding window
+        dropped entries while decoding, an untimed prefill fills one. The KV bytes are what the prompt holds
+        after its prefill (a sliding layer: the entries inside its window)."""
+        if cache is None or windowed(cache):
             cache = output_cache(self.model(**inputs, use_cache=True))
         tokens = prompt_tokens_per_layer(cache, inputs["attention_mask"])  # [L] x [B]
-        self.meter.add_kv(prompt_kv_bytes(cache, tokens))
+        held = kv_entries(cache, inputs["attention_mask"]) if windowed(cache) else tokens  # [L] x [B]
+        self.meter.add_kv(prompt_kv_bytes(cache, held))
         self.meter.add_flops(prefill_flops(self.model, inputs, tokens))
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:

@@ -96,11 +96,24 @@ class FirstStepTimer(LogitsProcessor):
         return scores
 
 
+def windowed(cache) -> bool:
+    """Whether a layer of `cache` drops entries a sliding window has passed (a windowed MoD layer or a stock
+    sliding layer): then only a prefill's cache tells what the prompt processed and holds."""
+    from ..cache import MoDCacheLayer
+
+    return any(
+        (layer.window is not None) if isinstance(layer, MoDCacheLayer) else getattr(layer, "is_sliding", False)
+        for layer in cache.layers
+    )
+
+
 def prompt_tokens_per_layer(cache, attention_mask: torch.Tensor) -> list[torch.Tensor]:
     """Per decoder layer, the prompt tokens of each sample it processed ([B] on the CPU), read from the
     `cache` its prefill filled. attention_mask [B, T]: the prompt's padding mask. A dense layer processed
     every real prompt token; a MoD layer (`MoDCacheLayer`) only its kept entries, recognised by their
-    original index < T (entries of later decoding steps are not the prompt's)."""
+    original index < T (entries of later decoding steps are not the prompt's), plus, in a sliding-window
+    layer, the entries the window dropped: a `windowed` cache must be the prefill's alone (no decoding
+    step, so every dropped entry was the prompt's)."""
     from ..cache import MoDCacheLayer
 
     prompt_len = attention_mask.shape[1]
@@ -108,17 +121,20 @@ def prompt_tokens_per_layer(cache, attention_mask: torch.Tensor) -> list[torch.T
     out = []
     for layer in cache.layers:
         if isinstance(layer, MoDCacheLayer):
-            out.append((layer.valid & (layer.index < prompt_len)).sum(dim=1).cpu())  # [B]
+            held = (layer.valid & (layer.index < prompt_len)).sum(dim=1).cpu()  # [B]
+            dropped = layer.dropped() if layer.window is not None else 0
+            out.append(held + (dropped.cpu() if isinstance(dropped, torch.Tensor) else dropped))
         else:
             out.append(real)
     return out
 
 
-def prompt_kv_bytes(cache, tokens_per_layer: Sequence[torch.Tensor]) -> list[int]:
+def prompt_kv_bytes(cache, entries_per_layer: Sequence[torch.Tensor]) -> list[int]:
     """K/V bytes the prompt of each sample holds in `cache`, padding excluded: each layer's entries
-    (`prompt_tokens_per_layer`) times the bytes of one entry's K and V."""
-    total = torch.zeros_like(tokens_per_layer[0])  # [B]
-    for layer, entries in zip(cache.layers, tokens_per_layer):
+    (`prompt_tokens_per_layer`, or `cache.kv_entries` where a window dropped some) times the bytes of one
+    entry's K and V."""
+    total = torch.zeros_like(entries_per_layer[0])  # [B]
+    for layer, entries in zip(cache.layers, entries_per_layer):
         keys = layer.keys  # [B, Hkv, S, hd]
         total += entries * (2 * keys.shape[1] * keys.shape[-1] * keys.element_size())  # K and V of one token
     return [int(x) for x in total]
