@@ -446,7 +446,11 @@ def gemma3_processor_model(
     and global attention; with fewer than 6 layers the last one is global, so both kinds are present."""
     import transformers as tf
 
+    from tokenizers import processors
+
     tokenizer = build_tokenizer([*words, "user", "model"], GEMMA3_SPECIALS, GEMMA3_TURNS)
+    bos = (tokenizer.bos_token, tokenizer.bos_token_id)  # Gemma's tokenizer adds BOS, and its template writes one
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B", special_tokens=[bos])
     tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
     layer_types = ["full_attention" if (i + 1) % 6 == 0 or (num_layers < 6 and i == num_layers - 1) else "sliding_attention"
                    for i in range(num_layers)]  # fmt: skip

@@ -256,8 +256,9 @@ def test_gemma3_training_batches_carry_the_processors_token_type_ids(world):
             for b, record in enumerate(records):
                 text, _ = assistant_spans(processor, to_messages(record["conversations"]))
                 image = Image.open(synth / record["image"]).convert("RGB")
-                alone = processor(text=[text], images=[image], return_tensors="pt")  # the processor's own output
-                assert torch.equal(alone["token_type_ids"][0], items[b]["token_type_ids"])
+                alone = processed_alone(processor, text, image)  # the processor's own output
+                assert int((alone["input_ids"] == processor.tokenizer.bos_token_id).sum()) == 1  # one BOS: the template's
+                assert torch.equal(alone["token_type_ids"][0], items[b]["token_type_ids"]) and torch.equal(alone["input_ids"][0], items[b]["input_ids"])
                 n = alone["input_ids"].shape[1]
                 assert_logits_close(logits[b, :n], model(**alone).logits[0].float(), f"collated batch == processor alone (gemma3, {name})")
         assert differs_without(model, forward, "token_type_ids") > 1e-2  # a batch without them would fail the check
@@ -317,6 +318,8 @@ def test_gemma3_plugin_left_pads_the_token_type_ids(world, monkeypatch):
     prompts = [lm.prompt(question, [image]) for question, image in zip(DOC_QUESTIONS, images)]
     batch = lm.encode(prompts, [[image] for image in images])
     image_id = lm.tokenizer.image_token_id
+    bos = lm.tokenizer.bos_token_id  # one per row (the template writes it; the tokenizer would add another)
+    assert (batch["input_ids"] == bos).sum(1).tolist() == [1, 1, 1] and lm.tokenizer("what").input_ids[0] == bos
     assert torch.equal(batch["token_type_ids"], (batch["input_ids"] == image_id).long())
     assert bool((batch["attention_mask"] == 0).any()) and not bool(batch["token_type_ids"][batch["attention_mask"] == 0].any())
     stock = AutoModelForImageTextToText.from_pretrained(base).eval()
@@ -339,9 +342,16 @@ def one_prompt(processor, question: str) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
 
+def processed_alone(processor, text: str, image) -> dict:
+    """The processor's output for one rendered prompt and its picture, without a second BOS where the chat
+    template wrote one (Gemma 3), as transformers' ``apply_chat_template(tokenize=True)`` does."""
+    bos = processor.tokenizer.bos_token
+    return processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=not text.startswith(bos))
+
+
 def reference_generation(model, processor, image, question: str) -> str:
     """Greedy continuation of the prompt alone, cut at the task's stops (`</s>` on the ids, then '.')."""
-    inputs = processor(images=[image], text=[one_prompt(processor, question)], return_tensors="pt")
+    inputs = processed_alone(processor, one_prompt(processor, question), image)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
     new = out[0, inputs["input_ids"].shape[1] :].tolist()
@@ -353,7 +363,7 @@ def reference_generation(model, processor, image, question: str) -> str:
 def reference_scoring(model, processor, image, question: str, choice: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(real input ids [T], logits [T, V], NLL of `choice`) of prompt + choice alone."""
     prompt = one_prompt(processor, question)
-    inputs = processor(images=[image], text=[prompt + choice], return_tensors="pt")
+    inputs = processed_alone(processor, prompt + choice, image)
     n = len(processor.tokenizer(prompt + choice).input_ids) - len(processor.tokenizer(prompt).input_ids)
     with torch.no_grad():
         logits = model(**inputs).logits[0].float()  # [T, V]

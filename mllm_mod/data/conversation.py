@@ -54,6 +54,15 @@ def to_messages(conversations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
+def template_text_kwargs(tokenizer: Any, texts: list[str]) -> dict[str, Any]:
+    """Processor kwargs for texts a chat template rendered: no second BOS where the template wrote one (Gemma 3's
+    writes ``<bos>`` and its tokenizer adds one too), transformers' own rule in ``apply_chat_template(tokenize=True)``."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and texts and all(t.startswith(bos) for t in texts):
+        return {"add_special_tokens": False}
+    return {}
+
+
 def count_placeholders(conversations: list[dict[str, Any]], kind: str) -> int:
     return sum(str(turn.get("value", "")).count(PLACEHOLDERS[kind]) for turn in conversations)
 
@@ -104,6 +113,7 @@ def encode(
     if images:
         kwargs["images"] = images  # one sample: every processor takes its pictures as a flat list
     kwargs.update(video_processor_kwargs([videos]))  # the frames as read: their timing, no second sampling
+    kwargs.update(template_text_kwargs(processor.tokenizer, [text]))
     out = processor(**kwargs)
     offsets = [tuple(o) for o in out.pop("offset_mapping")[0].tolist()]  # [T] (start, end) in the expanded text
     replacements = (out.pop("text_replacement_offsets", None) or [[]])[0]
