@@ -107,7 +107,9 @@ class StudySettings:
         if unknown:
             raise ValueError(f"unknown study arms {unknown}; choose from {ARMS}")
         if set(TRAINING_FREE_ARMS) & set(self.arms) and "dense" not in self.arms:
-            raise ValueError(f"the training-free arms {TRAINING_FREE_ARMS} run on the dense arm's weights: keep 'dense'")
+            raise ValueError(
+                f"the training-free arms {TRAINING_FREE_ARMS} run on the dense arm's weights: keep 'dense'"
+            )
         if self.base_batch_size is not None and self.base_batch_size <= 0:
             raise ValueError(f"base_batch_size must be positive, got {self.base_batch_size}")
         for name in ("n_train", "n_test", "seeds", "batch_size", "num_layers"):
@@ -340,7 +342,10 @@ def build_eval_set(processor, test: list[dict[str, Any]], image_folder: str, set
             seen[record["family"]] += 1
             blank_records.append(record)
     blank = [
-        (blank_records[s : s + size], prompt_batch(processor, blank_records[s : s + size], [blank_image()] * len(blank_records[s : s + size])))
+        (
+            blank_records[s : s + size],
+            prompt_batch(processor, blank_records[s : s + size], [blank_image()] * len(blank_records[s : s + size])),
+        )
         for s in range(0, len(blank_records), size)
     ]
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
@@ -414,7 +419,9 @@ def kept_patches(model: nn.Module, processor, batch: dict[str, torch.Tensor], la
 
 
 # -- training ----------------------------------------------------------------------------------------
-def train_config(settings: StudySettings, model_dir: str, data: str, image_folder: str, output_dir: str, seed: int, **fields):
+def train_config(
+    settings: StudySettings, model_dir: str, data: str, image_folder: str, output_dir: str, seed: int, **fields
+):
     from .train import load_config
 
     common = {
@@ -483,7 +490,9 @@ class Study:
             saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()}
             diffs = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             if diffs:
-                raise ValueError(f"{self.out} holds a study with other settings {diffs} (saved, now); use another --out")
+                raise ValueError(
+                    f"{self.out} holds a study with other settings {diffs} (saved, now); use another --out"
+                )
         self.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.settings.to_dict(), indent=2))
 
@@ -583,7 +592,9 @@ class Study:
         dense_dir = self.seed_dir(seed) / "dense_model"
         source = dense_dir if arm in TRAINING_FREE_ARMS else base_dir
         if arm in TRAINING_FREE_ARMS and not dense_dir.is_dir():
-            raise FileNotFoundError(f"{arm} runs on the dense arm's weights; {dense_dir} is missing (run the dense arm)")
+            raise FileNotFoundError(
+                f"{arm} runs on the dense arm's weights; {dense_dir} is missing (run the dense arm)"
+            )
         model = AutoModelForImageTextToText.from_pretrained(source)
         info: dict[str, Any] = {"arm": arm, "seed": seed}
         shape, ratios = self.shape(model), pmod_ratios(s.num_layers)
@@ -593,7 +604,11 @@ class Study:
             info["budget"] = budget_match(shape, fastv_budget, eval_set.n_text, eval_set.n_vision, ratios)
         if arm in ("pmod", "pmod_c50", "pmod_c30"):
             layers = [i for i, r in enumerate(pmod_ratios(s.num_layers)) if r < 1.0]
-            overrides = {} if arm == "pmod" else {"schedule": "constant", "layers": layers, "ratio": {"pmod_c50": 0.5, "pmod_c30": 0.3}[arm]}
+            overrides = (
+                {}
+                if arm == "pmod"
+                else {"schedule": "constant", "layers": layers, "ratio": {"pmod_c50": 0.5, "pmod_c30": 0.3}[arm]}
+            )
             retrofit(model, "pmod", **overrides)
         elif arm == "gmod":
             from .arank import arank
@@ -602,7 +617,9 @@ class Study:
             calib = self._calibration_batches(processor, train_records)
             report = arank(model, calib, max_samples=len(train_records), progress=False)
             report.save(self.seed_dir(seed) / "arank", plot=False)
-            from .demo import GMOD_SHORT_RUN  # prefill judged at 0.5: the reference's 0.005 skips nothing on a short run
+            from .demo import (
+                GMOD_SHORT_RUN,  # prefill judged at 0.5: the reference's 0.005 skips nothing on a short run
+            )
 
             retrofit(model, "gmod", arank=report, **GMOD_SHORT_RUN)
             info["arank_mod_layers"] = report.mod_layers()
@@ -650,7 +667,9 @@ class Study:
                 "images": [r["image"] for r in chunk],
                 "masks": kept_patches(model, processor, batch, s.picture_layer),
             }
-        print(f"seed {seed} {arm}: accuracy {info['accuracy']:.3f}, blank {info['blank_control']}, TFLOPs x{info['tflops_ratio']:.3f}")
+        print(
+            f"seed {seed} {arm}: accuracy {info['accuracy']:.3f}, blank {info['blank_control']}, TFLOPs x{info['tflops_ratio']:.3f}"
+        )
         return info
 
     def _calibration_batches(self, processor, records: list[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
@@ -689,9 +708,16 @@ class Study:
 
         results = {
             "arms": arms,
-            "settings": {**s.to_dict(), "chance": chance, "mean_chance": sum(chance.values()) / len(chance), "counts": meta["counts"]},
+            "settings": {
+                **s.to_dict(),
+                "chance": chance,
+                "mean_chance": sum(chance.values()) / len(chance),
+                "counts": meta["counts"],
+            },
             "versions": {
-                "mllm_mod": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "mllm_mod": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
                 "git_commit": git_commit(),
             },
             "complete": all(len(a["seeds"]) == s.seeds for a in arms.values()) and len(arms) == len(s.arms),
@@ -701,7 +727,11 @@ class Study:
         (self.out / TABLE_NAME).write_text(table + "\n")
         print(table)
         pareto_plot(results, str(self.out / PARETO_NAME))
-        pictures = {arm: json.loads(self.arm_path(0, arm).read_text()).get("kept_patches") for arm in PICTURE_ARMS if self.done(0, arm)}
+        pictures = {
+            arm: json.loads(self.arm_path(0, arm).read_text()).get("kept_patches")
+            for arm in PICTURE_ARMS
+            if self.done(0, arm)
+        }
         if pictures:
             patches_plot(pictures, str(self.data_dir), str(self.out / PATCHES_NAME))
         return results
@@ -712,7 +742,9 @@ def git_commit() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None
@@ -748,8 +780,29 @@ def study_table(results: dict[str, Any]) -> str:
     arms = results["arms"]
     chance = results["settings"]["chance"]
     families = sorted(chance)
-    header = ("arm", "seeds", "mean acc", *families, "blank control", "TFLOPs ratio", "KV ratio", "budget (training-free / FastV)")
-    rows = [header, ("chance", "", f"{results['settings']['mean_chance']:.3f}", *(f"{chance[f]:.3f}" for f in families), "", "", "", "")]
+    header = (
+        "arm",
+        "seeds",
+        "mean acc",
+        *families,
+        "blank control",
+        "TFLOPs ratio",
+        "KV ratio",
+        "budget (training-free / FastV)",
+    )
+    rows = [
+        header,
+        (
+            "chance",
+            "",
+            f"{results['settings']['mean_chance']:.3f}",
+            *(f"{chance[f]:.3f}" for f in families),
+            "",
+            "",
+            "",
+            "",
+        ),
+    ]
     unmatched = []
     for name, arm in arms.items():
         fam = arm["per_family"]
@@ -780,22 +833,26 @@ def pareto_plot(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
     arms = sorted(results["arms"].items(), key=lambda item: item[1]["tflops_ratio"])
-    stack, previous = 0, None
-    for name, arm in arms:
+    markers = "osD^v<>pPX*hH8"
+    groups: dict[tuple[float, float], list[str]] = {}  # arms on one spot share one label
+    for i, (name, arm) in enumerate(arms):
         x, y, err = arm["tflops_ratio"], arm["accuracy_mean"], arm["accuracy_std"]
-        ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=4, label=name)
-        stack = stack + 1 if previous is not None and abs(x - previous) < 0.03 else 0  # arms at equal compute
-        previous = x
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4 + 10 * stack), fontsize=8)
+        ax.errorbar([x], [y], yerr=[err], fmt=markers[i % len(markers)], capsize=4, label=name, alpha=0.85)
+        groups.setdefault((round(x, 2), round(y, 2)), []).append(name)
+    spots = sorted(groups.items())
+    for (x, y), names in spots:  # a label only where it cannot cover another spot's; the legend names all
+        crowded = any(abs(x - x2) < 0.04 and abs(y - y2) < 0.06 for (x2, y2), _ in spots if (x2, y2) != (x, y))
+        if not crowded:
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(6, 5), fontsize=7)
     ax.axhline(results["settings"]["mean_chance"], color="k", linestyle=":", label="chance")
     ax.set_xlabel("prefill TFLOPs / dense (measured)")
     ax.set_ylabel("held-out accuracy (mean over families)")
     seeds = max(len(arm["seeds"]) for _, arm in arms)
     status = "" if results.get("complete") else " — PARTIAL"
     ax.set_title(f"accuracy vs compute, mean ± std over {seeds} seed(s){status}", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -835,7 +892,9 @@ def patches_plot(pictures: dict[str, dict[str, Any] | None], image_folder: str, 
 CROSS_CHECK_NAME = "cross_check.json"
 
 
-def cross_check(out: str | os.PathLike, seed: int = 0, arm: str = "dense", per_family: int = 100, batch_size: int = 16) -> dict[str, Any]:
+def cross_check(
+    out: str | os.PathLike, seed: int = 0, arm: str = "dense", per_family: int = 100, batch_size: int = 16
+) -> dict[str, Any]:
     """The study's accuracy of the `arm` checkpoint of `seed` (the saved ``dense_model``), recomputed on
     the first `per_family` held-out questions of every family two ways: the study's own scorer (greedy
     first answer token) and lmms-eval through the project's plugin (`mllm_mod.eval.lmms_plugin.MoDLMM`)
@@ -873,11 +932,17 @@ def cross_check(out: str | os.PathLike, seed: int = 0, arm: str = "dense", per_f
             if r["family"] == family:
                 with Image.open(root / "data" / r["image"]) as image:
                     question = r["conversations"][0]["value"].replace("<image>", "").strip()
-                    rows.append({"id": r["id"], "question": question, "answer": r["answer"], "image": image.convert("RGB")})
+                    rows.append(
+                        {"id": r["id"], "question": question, "answer": r["answer"], "image": image.convert("RGB")}
+                    )
         data = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
         datasets.DatasetDict({"test": data}).save_to_disk(str(work / "data" / family))
         name = f"mllm_mod_localized_{family}"
-        lines = [f"include: {TEMPLATES / '_generation.yaml'}", f"task: {name}", f"dataset_path: {work / 'data' / family}"]
+        lines = [
+            f"include: {TEMPLATES / '_generation.yaml'}",
+            f"task: {name}",
+            f"dataset_path: {work / 'data' / family}",
+        ]
         (task_dir / f"{name}.yaml").write_text("\n".join(lines) + "\n")
         tasks.append(name)
     processor = AutoProcessor.from_pretrained(model_dir)

@@ -93,7 +93,9 @@ def test_random_routing_keeps_pmods_counts_and_its_logits_match_pmod_at_ratio_on
     reference, _ = tiny_model("llava", num_layers=4, seed=0)
     retrofit(reference, "pmod")
     apply_random_routing(model, seed=0)
-    assert layer_ratios(model) == pytest.approx(pmod_ratios(4)) and layer_ratios(reference) == pytest.approx(pmod_ratios(4))
+    assert layer_ratios(model) == pytest.approx(pmod_ratios(4)) and layer_ratios(reference) == pytest.approx(
+        pmod_ratios(4)
+    )
     report = efficiency(model, batch)
     assert report.accounting_matches, report.mismatches
     assert report.kept_per_layer == efficiency(reference, batch).kept_per_layer
@@ -118,7 +120,9 @@ def test_fastv_prune_ratio_matches_pmods_prefill_cost():
 
         def cost(k: int, n_text: float = n_text, n_vision: int = n_vision) -> int:
             ratios_k = [1.0] + [(k + 0.5) / n_vision] * 3
-            return prefill_cost(shape, ratios_k, round(n_text), n_vision, mod_layers=[False, True, True, True]).decoder_flops
+            return prefill_cost(
+                shape, ratios_k, round(n_text), n_vision, mod_layers=[False, True, True, True]
+            ).decoder_flops
 
         target = prefill_cost(shape, ratios, round(n_text), n_vision).decoder_flops
         assert abs(cost(keep) - target) <= min(abs(cost(keep - 1) - target), abs(cost(keep + 1) - target))
@@ -177,7 +181,15 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     families = set(results["settings"]["chance"])
     assert families == {"count", "presence", "oddquad", "where", "relpos"}
     for name, arm in results["arms"].items():
-        assert set(arm) >= {"accuracy_mean", "accuracy_std", "per_family", "blank_control", "tflops_ratio", "kv_ratio", "seeds"}
+        assert set(arm) >= {
+            "accuracy_mean",
+            "accuracy_std",
+            "per_family",
+            "blank_control",
+            "tflops_ratio",
+            "kv_ratio",
+            "seeds",
+        }
         assert set(arm["per_family"]) == families and len(arm["seeds"]) == 1
         assert 0.0 <= arm["accuracy_mean"] <= 1.0 and arm["blank_control"] is not None
         assert all(s["accounting_matches"] for s in arm["seeds"])
@@ -201,7 +213,10 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
         else:
             assert "cannot reach pmod's TFLOPs" in (tmp_path / "study.md").read_text()
     # equal training: every trained arm ran the same number of steps with the vision tower frozen
-    trained = [arms[a]["seeds"][0]["train"] for a in ("dense", "pmod", "pmod_c50", "pmod_c30", "gmod", "random_routing", "fastv_ft")]
+    trained = [
+        arms[a]["seeds"][0]["train"]
+        for a in ("dense", "pmod", "pmod_c50", "pmod_c30", "gmod", "random_routing", "fastv_ft")
+    ]
     assert len({t["global_step"] for t in trained}) == 1 and trained[0]["global_step"] > 0
     assert len({t["trainable"]["frozen"] for t in trained}) == 1
     assert all(arms[a]["seeds"][0]["train"] is None for a in TRAINING_FREE_ARMS)
@@ -232,6 +247,10 @@ def test_aggregate_takes_mean_and_std_over_seeds_and_the_table_says_partial():
     assert arm["accuracy_mean"] == pytest.approx(0.6) and arm["accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
     assert arm["per_family"]["a"] == pytest.approx({"mean": 0.5, "std": 0.1414}, abs=1e-4)
     assert arm["blank_control"] == pytest.approx(0.35) and arm["tflops_ratio"] == pytest.approx(0.505)
-    results = {"arms": {"pmod": arm}, "settings": {"chance": {"a": 0.5, "b": 0.25}, "mean_chance": 0.375}, "complete": False}
+    results = {
+        "arms": {"pmod": arm},
+        "settings": {"chance": {"a": 0.5, "b": 0.25}, "mean_chance": 0.375},
+        "complete": False,
+    }
     table = study_table(results)
     assert table.startswith("Study PARTIAL") and "| pmod | 2 | 0.600 ± 0.141 |" in table

@@ -1,6 +1,7 @@
 """`mllm-mod study --out DIR [--quick] [--seeds N] [--config study.yaml]`: the fidelity study
-(`mllm_mod.study`): dense, p-MoD, gamma-MoD, random routing, FastV and random drop at equal training
-and matched compute on the vision-localised synthetic suite; resumable."""
+(`mllm_mod.study`): dense, p-MoD, gamma-MoD, random routing, FastV, random drop and every training-free
+method of the zoo (`mllm_mod.eval.zoo.ZOO`) at equal training and matched compute on the vision-localised
+synthetic suite; resumable."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="the smoke study: one seed, a few steps per arm")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, --quick: 1)")
     p.add_argument("--config", help="a YAML mapping of StudySettings fields (over the defaults or --quick)")
-    p.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (dense is needed by fastv, random_drop)")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help="a subset of the arms (dense is needed by the training-free arms: fastv, random_drop and the zoo's)",
+    )
     p.add_argument(
         "--cross-check", type=int, metavar="N", default=0,
         help="afterwards, score the seed-0 dense arm on the first N held-out questions per family through lmms-eval "
@@ -43,7 +49,9 @@ def run_study(args: argparse.Namespace) -> int:
         from ..study import cross_check
 
         check = cross_check(args.out, per_family=args.cross_check)
-        print(f"cross-check (seed 0, dense, {args.cross_check} per family): study {check['study_scorer']}, "
-              f"lmms-eval {check['lmms_eval']}; max |difference| {check['max_abs_difference']:.3f}")
+        print(
+            f"cross-check (seed 0, dense, {args.cross_check} per family): study {check['study_scorer']}, "
+            f"lmms-eval {check['lmms_eval']}; max |difference| {check['max_abs_difference']:.3f}"
+        )
     print(f"wrote {args.out}/results.json, study.md, pareto.png" + (" (partial)" if not results["complete"] else ""))
     return 0
