@@ -88,7 +88,10 @@ def test_tiny_model_is_the_real_class_and_the_window_cuts_the_prompts():
     bare = adapter.routing_context(model, inputs["input_ids"], None, inputs["attention_mask"])
     assert bare.blocks is None  # without token_type_ids the stock mask is causal, and so is MoD's
     with torch.no_grad():
-        assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+        logits = model(**inputs).logits  # [B, T, V]
+        assert logits.shape[1] == inputs["input_ids"].shape[1]
+        other = dict(inputs, pixel_values=inputs["pixel_values"].flip(0))  # the same prompts, other pictures
+        assert (model(**other).logits - logits).abs().max() > 1e-3  # the pictures reach the decoder (not a zero projector)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
