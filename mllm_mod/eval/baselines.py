@@ -279,8 +279,7 @@ def token_attention(
     hidden [B, T, D]: the normed layer input; position_embeddings: (cos, sin) [B or 1, T, hd]; real [B, T].
     Llama-style attention (Llama, Mistral, Qwen2): q/k projections, half-rotation RoPE, no q/k norms.
     """
-    if hasattr(attn, "q_norm") or not hasattr(attn, "k_proj"):
-        raise NotImplementedError(f"FastV scoring supports Llama-style attention, not {type(attn).__name__}")
+    require_llama_attention(attn, "fastv", "the ranking")
     batch, length, _ = hidden.shape
     hd = attn.head_dim
     rows = torch.arange(batch, device=hidden.device)
@@ -295,6 +294,18 @@ def token_attention(
     visible = real & (torch.arange(length, device=hidden.device)[None, :] <= last[:, None])  # [B, T]
     logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=1)  # [B, T]
+
+
+def require_llama_attention(attn: nn.Module, method: str, what: str) -> None:
+    """Refuse a ranking that recomputes `attn`'s scores Llama-style (q/k projections, half-rotation RoPE, no
+    q/k norms: Llama, Mistral, Qwen2) where the attention is not of that kind (Gemma 3 and Qwen3 normalize
+    their queries and keys)."""
+    if hasattr(attn, "q_norm") or not hasattr(attn, "k_proj"):
+        reason = "normalizes its queries and keys (q_norm, k_norm)" if hasattr(attn, "q_norm") else "has no k_proj"
+        raise NotImplementedError(
+            f"{method}: {what} recomputes the attention Llama-style (q/k projections, RoPE, no q/k norms), and "
+            f"{type(attn).__name__} {reason}; not implemented"
+        )
 
 
 def ranking_row_flops(attn: nn.Module, real: torch.Tensor, query: torch.Tensor) -> list[float]:
@@ -343,6 +354,8 @@ def apply_baseline(model: nn.Module, spec: DropSpec | str, **fields: Any) -> nn.
     layers = adapter_for(model).layers(model)
     config = baseline_config(spec, len(layers))
     ranking_attention = layers[spec.prune_layer - 1].self_attn  # a stock layer: K - 1 < K stays dense
+    if spec.method == "fastv":  # refused before anything is installed, not in the first forward
+        require_llama_attention(ranking_attention, "fastv", f"the ranking in layer {spec.prune_layer - 1}")
     retrofit(model, config)
     decision = DropDecision(spec)
     for layer in mod_layer_map(model).values():

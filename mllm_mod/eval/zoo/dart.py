@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..baselines import rotate_half
+from ..baselines import require_llama_attention, rotate_half
 from .staged import Stage, StageInput, install
 
 PAPER_K, PAPER_REDUCTION, PAPER_PIVOT_IMAGE, PAPER_PIVOT_TEXT = 2, 0.778, 4, 4
@@ -190,8 +190,7 @@ def apply_dart(model: nn.Module, spec: DARTSpec | None = None, **fields) -> nn.M
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     attn = layers[int(spec.pruned_layer) - 1].self_attn  # a stock layer: K - 1 < K stays dense
-    if hasattr(attn, "q_norm") or not hasattr(attn, "k_proj"):
-        raise NotImplementedError(f"dart: K-norm pivots support Llama-style attention, not {type(attn).__name__}")
+    require_llama_attention(attn, "dart", f"the pivot ranking (key norms) in layer {int(spec.pruned_layer) - 1}")
     decoder = adapter.decoder(model)
     rule = DARTRule(decoder.norm, None if adapter.renumber_refused else decoder.rotary_emb)
     install(model, spec, spec.stages(len(layers)), rule, positions="original")

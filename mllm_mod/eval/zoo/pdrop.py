@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..baselines import ranking_row_flops, token_attention
+from ..baselines import ranking_row_flops, require_llama_attention, token_attention
 from .staged import Stage, StageInput, install, sequence_positions, top_count
 
 PAPER_LAYERS = 32
@@ -120,12 +120,5 @@ def apply_pdrop(model: nn.Module, spec: PDropSpec | None = None, **fields) -> nn
     layers = adapter_for(model).layers(model)
     num_layers = len(layers)
     for stage in spec.stages(num_layers):  # refused before anything is installed, not in the first forward
-        attn = layers[stage.start].self_attn
-        if hasattr(attn, "q_norm") or not hasattr(attn, "k_proj"):
-            raise NotImplementedError(
-                f"pdrop: the ranking recomputes each boundary layer's attention row Llama-style (q/k projections, "
-                f"RoPE, no q/k norms), and layer {stage.start}'s {type(attn).__name__} "
-                + ("normalizes its queries and keys (q_norm, k_norm)" if hasattr(attn, "q_norm") else "has no k_proj")
-                + "; not implemented"
-            )
+        require_llama_attention(layers[stage.start].self_attn, "pdrop", f"the ranking in boundary layer {stage.start}")
     return install(model, spec, spec.stages(num_layers), rule, positions=sequence_positions(model))
