@@ -490,7 +490,8 @@ def frame_counts(model, batch: dict) -> list[list[int]]:
 
 def test_a_read_clip_carries_its_timing_to_the_processor(clips):
     """`load_video` returns the frames read with where they came from; the processor kwargs carry it, a
-    slice (other frames) drops it, and plain frames still go through, never resampled by the processor."""
+    slice (other frames) drops it (a batch mixing timed and untimed clips is refused), and plain frames still
+    go through, never resampled by the processor."""
     from mllm_mod.data.media import Clip, load_video, video_processor_kwargs
 
     path = clips["root"] / "synth" / json.loads((clips["root"] / "synth" / "train.json").read_text())[0]["video"]
@@ -501,7 +502,9 @@ def test_a_read_clip_carries_its_timing_to_the_processor(clips):
     kwargs = video_processor_kwargs([[clip], []])  # one list per prompt
     assert kwargs["video_metadata"] == [clip.metadata] and kwargs["do_sample_frames"] is False
     assert len(kwargs["videos"]) == 2 and type(kwargs["videos"][0][0]) is np.ndarray and kwargs["videos"][1] == []
-    assert clip[:2].metadata is None and "video_metadata" not in video_processor_kwargs([[clip], [clip[:2]]])
+    assert clip[:2].metadata is None
+    with pytest.raises(ValueError, match=r"clips \[1\] of this batch carry no timing"):  # never 24 fps for some only
+        video_processor_kwargs([[clip], [clip[:2]]])
     plain = video_processor_kwargs([[np.asarray(clip)]])
     assert sorted(plain) == ["do_sample_frames", "videos"] and plain["do_sample_frames"] is False
     assert video_processor_kwargs([]) == video_processor_kwargs([[], []]) == {}

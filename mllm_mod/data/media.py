@@ -99,6 +99,12 @@ def video_processor_kwargs(videos: Sequence[Sequence[np.ndarray]]) -> dict[str, 
     metadata = [getattr(v, "metadata", None) for v in flat]
     if all(m is not None for m in metadata):
         kwargs["video_metadata"] = [dict(m) for m in metadata]
+    elif any(m is not None for m in metadata):  # one batch, one timing rule: never the default 24 fps for some
+        missing = [i for i, m in enumerate(metadata) if m is None]
+        raise ValueError(
+            f"clips {missing} of this batch carry no timing (frames given as arrays, or a slice of a Clip) while the "
+            "others do: the processor would time them all at its default 24 fps; read every clip with load_video"
+        )
     return kwargs
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import compat
 from ..baselines import DROPPED_LOGIT, DecisionRouter, DropDecision, drop_config
 
 THRESHOLD = 0.9  # between w = 1 (kept) and w = 1 + alpha * tanh(DROPPED_LOGIT) (dropped), for alpha = 0.2
@@ -194,6 +195,13 @@ def install(model: nn.Module, spec: Any, stages: Sequence[Stage], rule: Rule, po
     from ...retrofit import mod_layer_map, retrofit
 
     layers = adapter_for(model).layers(model)
+    windowed = [i for i, layer in enumerate(layers) if compat.attention_window(layer.self_attn) is not None]
+    if positions == "renumber" and windowed:  # refused before anything is installed
+        raise NotImplementedError(
+            f"{spec.method}: the LLM should see the shorter sequence (positions renumbered), but layers {windowed} have "
+            "a sliding window, which the MoD layers measure in original positions: past the window the result would "
+            "be neither the shorter sequence's forward nor the stock model's; not implemented"
+        )
     config = staged_config(spec.method, len(layers), stages, positions)
     retrofit(model, config)
     decision = StagedDecision(spec, stages, rule, positions)
