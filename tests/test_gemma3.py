@@ -338,6 +338,13 @@ def test_profile_config_only_gemma_3_4b(capsys):
     assert "34 layers, 256 vision + 64 text tokens" in out
     assert f"| prefill TFLOPs / sample | {dense.tflops:.3f} | {mod.tflops:.3f} |" in out
     assert 0.55 < mod.kv_bytes / dense.kv_bytes < 0.7 and 0.55 < mod.tflops / dense.tflops < 0.7
+    assert "sliding window shorter than the prompt" not in out  # 320 tokens fit the 1024-token window
+    # 2048 vision tokens: the 29 sliding layers hold the last 1023 entries, the 5 global ones all 2112, dense and
+    # MoD alike (bf16: 2 x 4 KV heads x 256 x 2 bytes = 4096 bytes an entry)
+    assert main(["profile", "gemma-3-4b", "--config-only", "--n-vision", "2048", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "note: 29 of 34 layers have a sliding window shorter than the prompt (1024 tokens)" in out
+    assert f"| KV cache MiB / sample | {(29 * 1023 + 5 * 2112) * 4096 / 2**20:.1f} |" in out
 
 
 def test_a_hand_built_static_mod_cache_refuses_a_window_that_could_bite():

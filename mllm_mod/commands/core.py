@@ -106,6 +106,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
     from .. import layer_ratios, retrofit
     from ..adapters import adapter_for
+    from ..compat import attention_window
     from ..flops import DecoderShape, prefill_cost
     from ..retrofit import is_retrofitted
 
@@ -123,8 +124,17 @@ def run_profile(args: argparse.Namespace) -> int:
     element = torch.finfo(getattr(torch, args.dtype)).bits // 8
     per_frame = model.mod_state.config.selection == "group" and adapter.frame_tokens is not None
     frame = adapter.frame_tokens(model.config) if per_frame else None  # per-frame top-k counts
-    dense = prefill_cost(shape, [1.0] * shape.layers, args.n_text, n_vision, element)
-    mod = prefill_cost(shape, ratios, args.n_text, n_vision, element, tokens_per_frame=frame)
+    # sliding-window layers hold only the last window - 1 entries, dense and MoD alike (MoD: an estimate, its
+    # kept vision tokens spread evenly; `mllm_mod.efficiency` measures them on real inputs)
+    windows = [attention_window(getattr(layer, "base_layer", layer).self_attn) for layer in adapter.layers(model)]
+    dense = prefill_cost(shape, [1.0] * shape.layers, args.n_text, n_vision, element, windows=windows)
+    mod = prefill_cost(shape, ratios, args.n_text, n_vision, element, tokens_per_frame=frame, windows=windows)
+    cut = [w for w in windows if w is not None and args.n_text + n_vision > w - 1]
+    # text entries every layer holds (the text after the vision: the window's last positions)
+    text_held = sum(args.n_text if w is None or w not in cut else min(args.n_text, w - 1) for w in windows)
+    if cut:
+        print(f"note: {len(cut)} of {shape.layers} layers have a sliding window shorter than the prompt "
+              f"({min(cut)} tokens): their KV is the last window - 1 entries; MoD's there is an estimate")
     result: dict[str, Any] = {
         "model": args.model,
         "preset": model.mod_state.config.preset,
@@ -135,7 +145,7 @@ def run_profile(args: argparse.Namespace) -> int:
         "mod_tflops": mod.tflops,
         "dense_kv_bytes": dense.kv_bytes,
         "mod_kv_bytes": mod.kv_bytes,
-        "vision_kv_fraction": (sum(mod.kv_entries_per_layer) - shape.layers * args.n_text) / (shape.layers * n_vision),
+        "vision_kv_fraction": (sum(mod.kv_entries_per_layer) - text_held) / (sum(dense.kv_entries_per_layer) - text_held),
     }
     rows = [
         ("prefill TFLOPs / sample", f"{dense.tflops:.3f}", f"{mod.tflops:.3f}", f"{mod.tflops / dense.tflops:.3f}"),
