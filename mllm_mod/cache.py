@@ -451,8 +451,8 @@ def mod_cache_layer(cache: Cache, layer_idx: int, window: int | None = None) -> 
     if isinstance(layer, StaticLayer):  # a static cache: the compact cache with a capacity fixed at the prefill
         if layer.is_initialized and layer.get_seq_length() != 0:
             raise ValueError(f"static cache slot {layer_idx} already holds dense entries; a MoD layer must start from an empty cache")
-        if getattr(layer, "is_sliding", False):
-            raise NotImplementedError(
+        if getattr(layer, "is_sliding", False) or (window is not None and layer.max_cache_len > window):
+            raise NotImplementedError(  # before anything is installed in the caller's cache
                 f"MoD layer {layer_idx}: a static sliding-window cache layer is not supported; use the dynamic cache"
             )
         layers[layer_idx] = StaticMoDCacheLayer(layer.max_cache_len)

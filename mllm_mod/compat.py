@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from transformers import TrainingArguments
-from transformers.cache_utils import DynamicLayer  # noqa: F401  (the cache layer class MoD extends; cache.py and streaming/budget.py import it from here)
-from transformers.cache_utils import StaticLayer  # noqa: F401  (the static slot a MoD layer's static compact cache replaces)
+from transformers.cache_utils import (
+    DynamicLayer,  # noqa: F401  (the cache layer class MoD extends; cache.py and streaming/budget.py import it from here)
+    StaticLayer,  # noqa: F401  (the static slot a MoD layer's static compact cache replaces)
+)
 from transformers.generation import CompileConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -80,6 +83,23 @@ def pop_cache(kwargs: dict[str, Any], legacy: Any = None) -> Any:
     if new is not None and old is not None and new is not old:
         raise ValueError("got both `cache` and `past_key_values`; pass the cache once")
     return new if new is not None else old
+
+
+def call_cache(arguments: Mapping[str, Any]) -> Any:
+    """The cache among a model call's bound arguments (or None), under either name, as a parameter or inside
+    the ``**kwargs`` catch-all, whatever the release calls that (``kwargs``; 5.17's Gemma 3: ``lm_kwargs``)."""
+    sources = [arguments, *(v for v in arguments.values() if isinstance(v, Mapping))]
+    for name in ("cache", LEGACY_CACHE_KWARG):
+        for source in sources:
+            if source.get(name) is not None:
+                return source[name]
+    return None
+
+
+def vision_encoder_layers(tower: Any) -> Any:
+    """The encoder layers of a CLIP vision tower: `CLIPVisionModel` (LLaVA's tower in 5.24) wraps them in
+    ``vision_model``; the inner `CLIPVisionTransformer` holds them itself."""
+    return getattr(tower, "vision_model", tower).encoder.layers
 
 
 def cache_kwargs(cache: Any, module: type | Any = LlamaDecoderLayer) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import compat
 from ..layer import RoutingContext
 from .base import Adapter, frame_groups, register
 
@@ -49,7 +50,7 @@ class Gemma3Adapter(Adapter):
         attention_mask: torch.Tensor | None,
         inputs: Mapping[str, Any] | None = None,
     ) -> RoutingContext:
-        if inputs is not None and _is_static(_cache_of(inputs)):
+        if inputs is not None and _is_static(compat.call_cache(inputs)):
             raise NotImplementedError(STATIC_REFUSED)
         ctx = super().routing_context(model, input_ids, inputs_embeds, attention_mask, inputs)
         ctx.blocks = image_blocks(inputs, input_ids if input_ids is not None else inputs_embeds)
@@ -70,21 +71,8 @@ def image_blocks(inputs: Mapping[str, Any] | None, chunk: torch.Tensor | None) -
     return frame_groups(image, tokens_per_frame=None)[:, -chunk.shape[1] :].to(chunk.device)  # [B, T]
 
 
-def _cache_of(inputs: Mapping[str, Any]) -> Any:
-    """The cache among a model call's bound arguments, under either name, as a parameter or in the ``**kwargs``
-    catch-all (whatever the release calls it: ``kwargs``, ``lm_kwargs``)."""
-    sources = [inputs, *(v for v in inputs.values() if isinstance(v, Mapping))]
-    for name in ("cache", "past_key_values"):
-        for source in sources:
-            if source.get(name) is not None:
-                return source[name]
-    return None
-
-
 def _is_static(cache: Any) -> bool:
-    from ..compat import StaticLayer
-
-    return any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ()))
+    return any(isinstance(layer, compat.StaticLayer) for layer in getattr(cache, "layers", ()))
 
 
 GEMMA3 = register(Gemma3Adapter(name="Gemma 3", model_types=("gemma3",), vision_token_attrs=("image_token_id",)))

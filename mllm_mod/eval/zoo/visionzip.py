@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import compat
 from .staged import Stage, StageInput, install
 
 PAPER_SETTINGS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}  # tokens kept -> (dominant, contextual)
@@ -208,7 +209,7 @@ def apply_visionzip(model: nn.Module, spec: VisionZipSpec | None = None, **field
     feature_layer = model.config.vision_feature_layer
     if not isinstance(feature_layer, int):
         raise NotImplementedError(f"visionzip: one vision feature layer is needed, the model concatenates {feature_layer}")
-    encoder_layers = getattr(tower, "vision_model", tower).encoder.layers  # CLIPVisionModel (5.24) or its inner module
+    encoder_layers = compat.vision_encoder_layers(tower)
     index = feature_layer - 1 if feature_layer > 0 else len(encoder_layers) + feature_layer  # hidden_states[l] = layer l-1's output
     if not 0 <= index < len(encoder_layers):
         raise ValueError(f"visionzip: vision_feature_layer {feature_layer} is not the output of a vision layer")
