@@ -525,13 +525,13 @@ def test_videomod_train_cli_on_clips_through_the_family_processor(family, world,
     data = ConversationDataset(synth / "train.json", processor, DataOptions(video_folder=str(synth), num_frames=CLIP_FRAMES))
     first = data[0]
     # the same as the processor given the clip's frames and timing by hand
-    from mllm_mod.data.conversation import assistant_spans, to_messages
+    from mllm_mod.data.conversation import TEXT_KEYS, assistant_spans, to_messages
 
     frames = read_frames(synth / records[0]["video"])
     text, _ = assistant_spans(processor, to_messages(records[0]["conversations"]))
     by_hand = processor(text=[text], videos=[[frames]], video_metadata=[CLIP_TIMING], do_sample_frames=False, return_tensors="pt")
-    for key, value in by_hand.items():
-        assert torch.equal(first[key], value[0] if key in ("input_ids", "attention_mask") else value), key
+    for key, value in by_hand.items():  # per-token keys are kept as [T], the rest as the processor gives them
+        assert torch.equal(first[key], value[0] if key in TEXT_KEYS else value), key
     if family == "qwen2_5_vl":  # seconds per temporal patch: 2 frames at 4 fps (temporal M-RoPE positions)
         assert first["second_per_grid_ts"].tolist() == [0.5]
     if family.startswith("qwen"):
