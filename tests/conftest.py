@@ -63,7 +63,6 @@ def randomize_routers(model, seed: int = 1, scale: float = 1.0) -> None:
 def pytest_terminal_summary(terminalreporter) -> None:
     """The worst logit difference of each invariant check in this run, with the library versions."""
     import transformers
-
     from logits import LOGIT_ATOL, WORST
 
     if not WORST:
@@ -72,3 +71,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(f"torch {torch.__version__}, transformers {transformers.__version__}")
     for check, diff in sorted(WORST.items()):
         terminalreporter.write_line(f"{diff:10.3g}  {check}")
+
+
+def loss_grads(model, batch: dict) -> dict:
+    """Gradients of the batch's loss, by parameter name (those that get one), from zeroed gradients."""
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -35,7 +35,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_routers
+from conftest import loss_grads, randomize_routers
 from logits import assert_logits_close
 
 import mllm_mod
@@ -286,15 +286,10 @@ def test_gemma3_gradient_checkpointing_gives_the_same_gradients(world):
     set_trainable(model)
     model.train()
 
-    def grads():
-        model.zero_grad()
-        model(**batch).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
+    plain = loss_grads(model, batch)
     enable_checkpointing(model, {"use_reentrant": False})
     assert all(m.gradient_checkpointing for m in model.modules() if isinstance(m, mllm_mod.MoDLayer))
-    checkpointed = grads()
+    checkpointed = loss_grads(model, batch)
     assert plain.keys() == checkpointed.keys() and any(".router." in k for k in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)

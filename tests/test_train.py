@@ -9,8 +9,10 @@ import os
 import pytest
 import torch
 import yaml
+from conftest import loss_grads
 
 import mllm_mod
+from mllm_mod.compat import enable_checkpointing
 from mllm_mod.data import Collator, ConversationDataset, DataOptions
 from mllm_mod.data.synth import generate, vocabulary
 from mllm_mod.retrofit import AGREEMENT_KEY, LOSS_KEY
@@ -25,8 +27,6 @@ from mllm_mod.train import (
     train,
 )
 from mllm_mod.train.recipe import training_arguments
-from mllm_mod.compat import enable_checkpointing
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,16 +188,11 @@ def test_gradient_checkpointing_through_mod_layers_gives_the_same_gradients(synt
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     model.train()
 
-    def grads():
-        model.zero_grad()
-        model(**batch).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
+    plain = loss_grads(model, batch)
     enable_checkpointing(model, {"use_reentrant": False})
     mod_layers = [m for m in model.modules() if isinstance(m, mllm_mod.MoDLayer)]
     assert mod_layers and all(m.gradient_checkpointing for m in mod_layers)
-    checkpointed = grads()
+    checkpointed = loss_grads(model, batch)
     assert plain.keys() == checkpointed.keys() and any(".router." in k for k in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
