@@ -37,11 +37,13 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, check: str
     return diff
 
 
-def assert_cached_equals_uncached(model, inputs: dict, new_tokens: int, check: str, **kwargs) -> torch.Tensor:
+def assert_cached_equals_uncached(
+    model, inputs: dict, new_tokens: int, check: str, atol: float = LOGIT_ATOL, **kwargs
+) -> torch.Tensor:
     """Per-step logits of cached generation == uncached recomputation (and so the tokens); returns the tokens."""
     cached, cached_logits = generate_logits(model, inputs, new_tokens, use_cache=True, **kwargs)
     uncached, uncached_logits = generate_logits(model, inputs, new_tokens, use_cache=False, **kwargs)
-    assert_logits_close(cached_logits, uncached_logits, check)
+    assert_logits_close(cached_logits, uncached_logits, check, atol)
     assert torch.equal(cached, uncached), f"{check}: tokens differ"
     return cached
 
@@ -53,12 +55,14 @@ def single(inputs: dict, i: int) -> dict:
     return {k: (v[:, real] if k in ("input_ids", "attention_mask") else v) for k, v in one.items()}
 
 
-def assert_batch_equals_single(model, batch: dict, alone: list[dict], new_tokens: int, check: str, **kwargs) -> None:
+def assert_batch_equals_single(
+    model, batch: dict, alone: list[dict], new_tokens: int, check: str, atol: float = LOGIT_ATOL, **kwargs
+) -> None:
     """Each row of a left-padded batch generates what the sample alone does, compared on per-step logits."""
     tokens, logits = generate_logits(model, batch, new_tokens, **kwargs)  # [B, N, V]
     for i, one in enumerate(alone):
         one_tokens, one_logits = generate_logits(model, one, new_tokens, **kwargs)
-        assert_logits_close(logits[i : i + 1], one_logits, f"{check}")
+        assert_logits_close(logits[i : i + 1], one_logits, f"{check}", atol)
         assert torch.equal(tokens[i, -new_tokens:], one_tokens[0, -new_tokens:]), f"{check}: sample {i} tokens differ"
 
 

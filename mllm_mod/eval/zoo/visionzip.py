@@ -36,12 +36,48 @@ metric averaged over heads (``N H hd``), the similarities of the merged tokens t
 (``2 M C hd``, M = merged tokens) and their sum (``M Dv``). The projector still runs on the ``P`` rows
 (the stock model's count check), as in the stock model.
 
-Families: LLaVA-1.5 (`LlavaForConditionalGeneration` with a CLIP tower, one ``int`` feature layer). Refused:
-towers without a CLS token (SigLIP: LLaVA-OneVision, Qwen2-VL / Qwen2.5-VL's own ViT, Idefics3 / SmolVLM) --
-the rule is CLS attention, and the authors' released code defines no other; InternVL (its ViT has a CLS, but
-each tile's patches are pixel-shuffled 2 x 2 before the projector, which a merge of arbitrary tokens cannot
-feed); LLaVA-NeXT (the reference re-inserts the dominant tokens into the anyres grid with newline tokens:
-not implemented here).
+LLaVA-NeXT (anyres), as the reference's ``prepare_inputs_labels_for_multimodal_visionzip`` with
+``restore_image_features_sorted`` does for LLaVA's ``mm_patch_merge_type="spatial_unpad"`` (the one transformers
+implements): each crop of an image -- the base (resized) image and every crop of its anyres grid -- is zipped
+on its own by the rule above (the reference runs the tower on the crops as one batch, one selection per row),
+and the image's tokens are laid out as the reference packs them (`anyres_layout`):
+
+1. the base crop's ``dominant + contextual`` tokens as they are (CLS, dominant patches, contextual);
+2. the grid crops' dominant patches (CLS excluded) put back on the whole ``(rows * side, cols * side)`` patch
+   grid and read in raster order (the reference's ``view(height, width, 24, 24)`` / ``permute`` / mask select;
+   its hard-coded 24 = 336 / 14 is ``image_size // patch_size`` here);
+3. the grid crops' CLS tokens, crop by crop; 4. their contextual tokens, crop after crop.
+
+That is ``crops * (dominant + contextual)`` tokens per image and, as in the reference, no ``image_newline``
+token (it builds ``image_newline_expanded`` and never uses it) and no unpadding of the grid (this path never
+calls ``unpad_image``). Where transformers' stock `LlavaNextForConditionalGeneration` differs from the original
+LLaVA code, and what is done:
+
+- its `get_image_features` drops CLS before the projector (``vision_feature_select_strategy="default"``), so
+  a crop has ``N - 1`` projector rows; the projector pre-hook writes each crop's zipped tokens (CLS included)
+  in its first rows, as for LLaVA-1.5 (``dominant + contextual <= N - 1``);
+- its `pack_image_features` unpads the grid and appends an ``image_newline`` to each row, and the processor
+  writes that many placeholders per image (``P``, which the model checks): the stock packing still runs (for
+  that count), wrapped by `VisionZipRule.pack` (an instance attribute over ``LlavaNextModel
+  .pack_image_features``, removed by ``mllm_mod.unload``), which replaces each image's first
+  ``crops * (dominant + contextual)`` packed rows by the reference's layout; the staged rule keeps those
+  first rows of each image, so the LLM's sequence is text + the reference's layout at positions ``0 ..``
+  (pinned per grid shape, 1 x 2, 2 x 2 and 2 x 1, against the stock decoder on that sequence);
+- the grid: transformers' ``get_anyres_image_grid_shape(image_sizes[i])`` ((H, W) in, (rows, cols) out) and
+  the original's ((W, H) in, (cols, rows) out) give the same grid, its crops row-major in both processors;
+- a one-crop image (the reference: the crop's tokens + a newline) never occurs in stock LLaVA-NeXT (a base
+  image and >= 1 grid crop) and is refused; with ``contextual=0`` no contextual token is appended (the
+  reference's ``image_feature[:, -0:]`` would append every token a second time).
+
+`generate` encodes the images once (``mm_encoder_outputs``) and passes the features to every forward, so the
+rule keeps the images of the projector's last run (uncached steps included). The side cost is per crop.
+
+Families: LLaVA-1.5 (`LlavaForConditionalGeneration`) and LLaVA-NeXT (`LlavaNextForConditionalGeneration`),
+with a CLIP tower and one ``int`` feature layer. Refused: towers without a CLS token (SigLIP: LLaVA-OneVision,
+Qwen2-VL / Qwen2.5-VL's own ViT, Idefics3 / SmolVLM) -- the rule is CLS attention, and the authors' released
+code defines no other; InternVL (its ViT has a CLS, but each tile's patches are pixel-shuffled 2 x 2 before
+the projector, which a merge of arbitrary tokens cannot feed); LLaVA-NeXT-Video (its video frames are pooled
+before the projector; not covered).
 """
 
 from __future__ import annotations
@@ -59,6 +95,7 @@ PAPER_SETTINGS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}  # tokens kept -
 PAPER_DOMINANT, PAPER_CONTEXTUAL = PAPER_SETTINGS[64]  # the reference's README example (10% of 576)
 PAPER_TOKENS = 576  # LLaVA-1.5's tokens per image (the nominal keep ratio reported for the layers)
 SUPPORTED_TOWERS = ("clip_vision_model",)
+SUPPORTED_FAMILIES = ("LLaVA-1.5", "LLaVA-NeXT")  # adapter names (LLaVA-NeXT: each anyres crop, `anyres_layout`)
 
 
 @dataclass(frozen=True)
@@ -137,17 +174,40 @@ def zip_image(hidden: torch.Tensor, metric: torch.Tensor, scores: torch.Tensor, 
     return torch.cat(tokens), dominant.nonzero()[:, 0], side
 
 
+def anyres_layout(
+    tokens: torch.Tensor, dominant: list[torch.Tensor], grid: tuple[int, int], side: int, spec: VisionZipSpec
+) -> torch.Tensor:
+    """[crops * retained, D] one anyres image's tokens in the reference's order (``restore_image_features_sorted``
+    with ``spatial_unpad``): the base crop's tokens as they are (CLS, dominant patches, contextual), then the
+    grid crops' dominant patches in raster order of the whole ``(rows * side, cols * side)`` patch grid, then
+    the grid crops' CLS tokens, then their contextual tokens, crop after crop; no newline, nothing unpadded.
+    tokens [crops, retained, D] each crop's VisionZip tokens, dominant[c] the crop's sorted dominant indices
+    (0 = CLS), grid (rows, cols) of the grid crops, side the patches per crop side."""
+    rows, cols = grid
+    crops = tokens[1:]  # [rows * cols, retained, D], row-major over the grid (the processor's crop order)
+    if len(crops) != rows * cols:
+        raise RuntimeError(f"visionzip: {len(crops)} grid crops for a {rows} x {cols} anyres grid")
+    keys = []
+    for c, indices in enumerate(dominant[1:]):
+        patch = indices[1:] - 1  # the crop's dominant patches, position order
+        keys.append(((c // cols) * side + patch // side) * (cols * side) + (c % cols) * side + patch % side)
+    order = torch.cat(keys).argsort()  # raster order of the whole grid
+    patches = crops[:, 1 : spec.dominant].reshape(-1, crops.shape[-1])[order]
+    return torch.cat([tokens[0], patches, crops[:, 0], crops[:, spec.dominant :].reshape(-1, crops.shape[-1])])
+
+
 @dataclass
 class VisionZipRule:
-    """The tower side (hooks on the selected vision layer and the projector) and the LLM side (the staged
-    rule keeping each image's first `retained` placeholders)."""
+    """The tower side (hooks on the selected vision layer and the projector; on LLaVA-NeXT the packing of
+    each image's crops) and the LLM side (the staged rule keeping each image's first tokens)."""
 
     spec: VisionZipSpec
     attn: nn.Module  # the selected vision layer's attention (q_proj, k_proj, num_heads, scale)
+    anyres: Any = None  # LLaVA-NeXT: the model whose `pack_image_features` is wrapped (config: grid pinpoints)
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
-    per_image: int | None = None  # placeholders per image (the projector's input rows)
-    dominant_indices: list[torch.Tensor] = field(default_factory=list)  # per image of the last forward
-    image_side: list[int] = field(default_factory=list)  # side FLOPs per image of the last forward
+    images: list[tuple[int, int, int]] = field(default_factory=list)  # (placeholders, kept, side FLOPs) per image
+    dominant_indices: list[torch.Tensor] = field(default_factory=list)  # per crop (LLaVA-1.5: image), last run
+    image_side: list[int] = field(default_factory=list)  # side FLOPs per crop (LLaVA-1.5: image), last run
 
     def keep(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -156,7 +216,7 @@ class VisionZipRule:
         return hook
 
     def project(self, projector: nn.Module, args: tuple) -> tuple:
-        """Forward pre-hook on the projector: the first rows of each image become its VisionZip tokens."""
+        """Forward pre-hook on the projector: the first rows of each crop become its VisionZip tokens."""
         selected = args[0]  # [n, P, Dv]
         if any(k not in self.captured for k in ("q", "k", "hidden")):
             raise RuntimeError("visionzip: the selected vision layer did not run before the projector")
@@ -175,34 +235,81 @@ class VisionZipRule:
             out[i, : len(tokens)] = tokens.to(out.dtype)
             self.dominant_indices.append(dominant)
             self.image_side.append(2 * length * k.shape[-1] + length * k.shape[-1] + side)
-        self.per_image = rows
+        self.images = [(rows, self.spec.retained, s) for s in self.image_side]  # LLaVA-1.5; anyres: `pack`
         return (out, *args[1:])
 
+    def pack(self, stock: Any):
+        """The wrapper of LLaVA-NeXT's `pack_image_features`: the stock packing (its placeholder count, which the
+        model checks), then each image's first ``crops * retained`` rows replaced by `anyres_layout`."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        def pack_image_features(image_features, image_sizes, *args, **kwargs):
+            packed, lengths = stock(image_features, image_sizes, *args, **kwargs)
+            config = self.anyres.config
+            side = config.vision_config.image_size // config.vision_config.patch_size
+            out, images, first = [], [], 0
+            for i, (features, stock_image) in enumerate(zip(image_features, packed)):
+                crops = features.shape[0]
+                if crops < 2:  # stock LLaVA-NeXT always has a base image and >= 1 grid crop
+                    raise NotImplementedError("visionzip: an anyres image of one crop (the reference adds a newline)")
+                size = config.vision_config.image_size
+                grid = get_anyres_image_grid_shape(image_sizes[i], config.image_grid_pinpoints, size)  # (rows, cols)
+                tokens = features[:, : self.spec.retained]  # [crops, retained, D] (`project` wrote them)
+                layout = anyres_layout(tokens, self.dominant_indices[first : first + crops], grid, side, self.spec)
+                if len(layout) > len(stock_image):
+                    raise ValueError(f"visionzip: {self.spec.label()} keeps {len(layout)} of {len(stock_image)} tokens")
+                out.append(torch.cat([layout.to(stock_image.dtype), stock_image[len(layout) :]]))
+                images.append((len(stock_image), len(layout), sum(self.image_side[first : first + crops])))
+                first += crops
+            self.images = images
+            return out, lengths
+
+        return pack_image_features
+
     def __call__(self, spec: VisionZipSpec, seen: StageInput) -> torch.Tensor:
-        """Each image's first `retained` placeholders (images of `per_image` placeholders, in row order);
-        adds each sample's tower-side FLOPs."""
-        if self.per_image is None:
-            raise RuntimeError("visionzip: no image went through the projector in this forward")
-        order = seen.vision.long().cumsum(dim=1) - 1  # [B, T] index among the row's vision tokens
-        keep = seen.vision & (order % self.per_image < spec.retained)
-        images = (seen.vision.sum(dim=1) // self.per_image).tolist()
-        first = 0
-        for b, count in enumerate(images):
-            seen.side[b] += float(sum(self.image_side[first : first + count]))
-            first += count
+        """Each image's first `kept` of its `placeholders` (images in row order, as the model scattered them);
+        adds each sample's tower-side FLOPs. The images are those of the projector's last run: `generate`
+        encodes them once and passes the features to every forward (uncached steps included)."""
+        images = self.images
+        if not images:
+            raise RuntimeError("visionzip: no image has gone through the projector")
+        counts = seen.vision.sum(dim=1).tolist()
+        if sum(p for p, _, _ in images) != sum(counts):
+            raise RuntimeError("visionzip: this forward's vision tokens are not the images the projector saw")
+        kept = torch.cat([torch.arange(p, device=seen.vision.device) < k for p, k, _ in images])
+        keep = torch.zeros_like(seen.vision)
+        keep[seen.vision] = kept
+        image = 0
+        for b, count in enumerate(counts):
+            while count > 0:
+                count -= images[image][0]
+                seen.side[b] += float(images[image][2])
+                image += 1
+            if count != 0:
+                raise RuntimeError(f"visionzip: row {b}'s vision tokens do not end with an image")
         return keep
 
 
+class Unwrap:
+    """The handle of an instance-level wrapper: `remove` restores the class's method (``mllm_mod.unload``)."""
+
+    def __init__(self, owner: nn.Module, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)
+
+
 def apply_visionzip(model: nn.Module, spec: VisionZipSpec | None = None, **fields) -> nn.Module:
-    """Turn a stock LLaVA-1.5 model into VisionZip in place (``mllm_mod.unload`` undoes it); other families
-    are refused with the reason."""
+    """Turn a stock LLaVA-1.5 or LLaVA-NeXT model into VisionZip in place (``mllm_mod.unload`` undoes it); other
+    families are refused with the reason."""
     from ...adapters import adapter_for
 
     spec = spec or VisionZipSpec(**fields)
     adapter = adapter_for(model)
     tower = adapter.vision_tower(model)
     tower_type = getattr(getattr(tower, "config", None), "model_type", None)
-    if adapter.name != "LLaVA-1.5":
+    if adapter.name not in SUPPORTED_FAMILIES:
         raise NotImplementedError(f"visionzip: {adapter.name} is not supported: {REFUSED.get(adapter.name, REFUSED['other'])}")
     if tower_type not in SUPPORTED_TOWERS:
         raise NotImplementedError(f"visionzip: the {tower_type} tower has no CLS token: {REFUSED['no_cls']}")
@@ -214,8 +321,12 @@ def apply_visionzip(model: nn.Module, spec: VisionZipSpec | None = None, **field
     if not 0 <= index < len(encoder_layers):
         raise ValueError(f"visionzip: vision_feature_layer {feature_layer} is not the output of a vision layer")
     layer = encoder_layers[index]
-    rule = VisionZipRule(spec, layer.self_attn)
+    anyres = model.model if adapter.name == "LLaVA-NeXT" else None
+    rule = VisionZipRule(spec, layer.self_attn, anyres)
     install(model, spec, spec.stages(0), rule, positions="renumber")
+    if anyres is not None:  # an instance attribute over the class's method, removed by unload
+        anyres.pack_image_features = rule.pack(anyres.pack_image_features)
+        model.mod_state.hooks.append(Unwrap(anyres, "pack_image_features"))
     model.mod_state.hooks.extend(
         [
             layer.self_attn.q_proj.register_forward_hook(rule.keep("q")),
@@ -230,9 +341,7 @@ def apply_visionzip(model: nn.Module, spec: VisionZipSpec | None = None, **field
 REFUSED = {
     "no_cls": "VisionZip's dominant tokens are those CLS attends to most, and the authors' released code defines no rule "
     "for towers without CLS",
-    "LLaVA-NeXT": "the reference re-inserts the dominant tokens into the anyres grid with its newline tokens and appends "
-    "CLS and the contextual tokens after it; that packing is not implemented here",
     "InternVL": "each tile's patches are pixel-shuffled 2 x 2 before the projector, which merged tokens cannot feed",
-    "other": "VisionZip needs a CLIP tower whose CLS attention picks the dominant tokens (LLaVA-1.5); this family's "
-    "tower has no CLS token or packs its features differently",
+    "other": "VisionZip needs a CLIP tower whose CLS attention picks the dominant tokens (LLaVA-1.5, LLaVA-NeXT); "
+    "this family's tower has no CLS token or packs its features differently",
 }
