@@ -42,8 +42,9 @@ def test_pictures_are_a_144_patch_lattice_of_small_objects():
             assert ink.mean() < 0.12, f"{name}: objects should be small, ink covers {ink.mean():.2f}"
 
 
-def test_count_answer_is_the_number_of_red_cells():
-    for sample in samples("count"):
+@pytest.mark.parametrize("name", ["count", "count9"])
+def test_count_answer_is_the_number_of_red_cells(name):
+    for sample in samples(name):
         assert len(cells_of(color_mask(sample.media[0], "red"))) == int(sample.answer)
 
 

@@ -9,6 +9,7 @@ like a model that does not read the picture, scores the chance level):
 | family | question | answers | chance |
 |---|---|---|---:|
 | count | how many red objects are there ? (red among grey/coloured distractors) | 0-5 | 1/6 |
+| count9 | how many red objects are in the picture ? (red among grey/coloured distractors) | 0-9 | 1/10 |
 | presence | is there a X object ? (one tiny coloured object among grey ones) | yes / no | 1/2 |
 | oddquad | which quadrant is different ? (one odd-coloured object) | 4 quadrants | 1/4 |
 | where | what color is the object in row R column C ? (3 x 3 regions) | 6 colours | 1/6 |
@@ -35,7 +36,8 @@ CELL = 8  # one lattice cell = one vision patch at patch_size 8
 GRID = SIZE // CELL  # 12 x 12 = 144 cells
 RADIUS = 3.0  # an object is at most 7 px wide: it never leaves its cell
 GREY = (128, 128, 128)
-MAX_COUNT = 5
+MAX_COUNT = 5  # `count`: 0-5 red objects among 6 distractors
+MAX_COUNT9 = 9  # `count9`: 0-9 red objects among 8 distractors (the issue's "counting 0-9")
 QUADRANTS = ("topleft", "topright", "bottomleft", "bottomright")
 REGIONS = 3  # the `where` family names a region of a 3 x 3 split of the picture
 
@@ -76,14 +78,27 @@ def other_colors(exclude: Sequence[str]) -> list[str]:
 
 
 # -- families ----------------------------------------------------------------------------------------
-def make_count(rng: np.random.Generator, size: int) -> Sample:
-    """0-5 red objects among 6 distractors (grey, or another colour)."""
-    n = int(rng.integers(0, MAX_COUNT + 1))
-    cells = random_cells(rng, n + 6)
+def red_among_distractors(rng: np.random.Generator, max_count: int, distractors: int) -> tuple[int, np.ndarray]:
+    """0..`max_count` red objects (uniform) among `distractors` others (grey, or another colour):
+    (the number of red objects, the picture [H, W, 3])."""
+    n = int(rng.integers(0, max_count + 1))
+    cells = random_cells(rng, n + distractors)
     palette = [GREY] + [COLORS[c] for c in other_colors(["red"])]
     objects = [(cell, COLORS["red"]) for cell in cells[:n]]
     objects += [(cell, palette[int(rng.integers(len(palette)))]) for cell in cells[n:]]
-    return Sample("how many red objects are there ?", str(n), [draw_objects(objects, rng)])
+    return n, draw_objects(objects, rng)
+
+
+def make_count(rng: np.random.Generator, size: int) -> Sample:
+    """0-5 red objects among 6 distractors (grey, or another colour)."""
+    n, picture = red_among_distractors(rng, MAX_COUNT, 6)
+    return Sample("how many red objects are there ?", str(n), [picture])
+
+
+def make_count9(rng: np.random.Generator, size: int) -> Sample:
+    """0-9 red objects among 8 distractors (grey, or another colour)."""
+    n, picture = red_among_distractors(rng, MAX_COUNT9, 8)
+    return Sample("how many red objects are in the picture ?", str(n), [picture])
 
 
 def make_presence(rng: np.random.Generator, size: int) -> Sample:
@@ -157,6 +172,8 @@ def families() -> dict[str, Family]:
         Family("oddquad", QUADRANTS, make_oddquad, ("which quadrant is different ?",)),
         Family("where", colors, make_where, where_questions),
         Family("relpos", ("left", "right"), make_relpos, ("is the red object left or right of the blue object ?", *colors)),
+        Family("count9", tuple(str(i) for i in range(MAX_COUNT9 + 1)), make_count9,
+               ("how many red objects are in the picture ?",)),
     ]
     return {f.name: f for f in out}
 
