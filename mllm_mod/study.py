@@ -53,6 +53,7 @@ ZOO_ARMS = tuple(ZOO)  # the zoo's registry: a method added there becomes an arm
 TRAINING_FREE_ARMS = ("fastv", "random_drop", *ZOO_ARMS)
 ARMS = (*TRAINED_ARMS, *TRAINING_FREE_ARMS)
 RESULTS_NAME, TABLE_NAME, PARETO_NAME, PATCHES_NAME = "results.json", "study.md", "pareto.png", "patches.png"
+DEPTH_NAME = "depth.json"  # per seed: the dense arm's accuracy with vision withdrawn from layer K on
 PICTURE_ARMS = ("pmod", "random_routing")
 BASE_SAVE_STEPS = 100  # the base run's checkpoint interval (what an interrupted study resumes from)
 MATCH_TOLERANCE = 0.01  # a training-free arm is "at pmod's TFLOPs" when its predicted ratio is within this of pmod's
@@ -481,6 +482,14 @@ class Study:
     def done(self, seed: int, arm: str) -> bool:
         return self.arm_path(seed, arm).is_file()
 
+    def depth_path(self, seed: int) -> Path:
+        return self.seed_dir(seed) / DEPTH_NAME
+
+    def missing(self, seed: int) -> bool:
+        """Whether the seed has an arm (or, with the dense arm, its depth profile) still to run."""
+        depth = "dense" in self.settings.arms and not self.depth_path(seed).is_file()
+        return depth or not all(self.done(seed, arm) for arm in self.settings.arms)
+
     def check_settings(self) -> None:
         """Record the settings; refuse to resume a directory made with different ones."""
         path = self.out / "settings.json"
@@ -505,37 +514,90 @@ class Study:
         s = self.settings
         return localized.generate(self.data_dir, s.n_train, s.n_test, seed=s.data_seed, only=s.families)
 
-    def run(self) -> dict[str, Any]:
+    def run(self, jobs: int = 1) -> dict[str, Any]:
+        """Do what is missing and write the report. `jobs` > 1 runs that many seeds side by side, each in
+        its own process (``settings.threads`` threads each) that logs to ``seed{s}/log.txt``; the seeds are
+        independent, so the results are the same as one process running them in turn."""
         from tqdm.auto import tqdm
 
         s = self.settings
+        if jobs < 1:
+            raise ValueError(f"jobs must be positive, got {jobs}")
         torch.set_num_threads(s.threads)
         self.check_settings()
         meta = self.data()
-        todo = [(seed, arm) for seed in range(s.seeds) for arm in s.arms if not self.done(seed, arm)]
-        if todo:
-            from transformers import AutoProcessor
-
-            self.base(0, meta)  # a processor to encode the held-out set with (the base's)
-            processor = AutoProcessor.from_pretrained(self.seed_dir(0) / "base")
-            test = json.loads((self.data_dir / "test.json").read_text())
-            eval_set = build_eval_set(processor, test, str(self.data_dir), s)
-            bar = tqdm(total=len(todo), desc="study (seed, arm)", unit="arm")
-            for seed, arm in todo:
-                bar.set_postfix_str(f"seed {seed} {arm}")
-                if self.done(seed, arm):  # written meanwhile (e.g. by another process running one seed)
-                    bar.update(1)
-                    continue
-                self.base(seed, meta)
-                result = self.run_arm(seed, arm, processor, eval_set)
-                path = self.arm_path(seed, arm)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(result, indent=2))
-                tmp.replace(path)  # atomic: an interrupted arm leaves no result
-                bar.update(1)
-            bar.close()
+        seeds = [seed for seed in range(s.seeds) if self.missing(seed)]
+        total = sum(not self.done(seed, arm) for seed in seeds for arm in s.arms)
+        with tqdm(total=total, desc="study (seed, arm)", unit="arm") as bar:
+            if jobs > 1 and len(seeds) > 1:
+                self._run_parallel(seeds, jobs, bar)
+            else:
+                for seed in seeds:
+                    self.run_seed(seed, meta, bar)
         return self.report(meta)
+
+    def run_seed(self, seed: int, meta: dict[str, Any], bar: Any = None) -> None:
+        """The seed's base (once), then each of its arms not done yet, each result written atomically."""
+        from transformers import AutoProcessor
+
+        base = self.base(seed, meta)
+        processor = AutoProcessor.from_pretrained(base)  # the same vocabulary for every seed (`meta`)
+        test = json.loads((self.data_dir / "test.json").read_text())
+        eval_set = build_eval_set(processor, test, str(self.data_dir), self.settings)
+        for arm in self.settings.arms:
+            if bar is not None:
+                bar.set_postfix_str(f"seed {seed} {arm}")
+            if self.done(seed, arm):  # written meanwhile (e.g. by another process running this seed)
+                continue
+            write_json(self.arm_path(seed, arm), self.run_arm(seed, arm, processor, eval_set))
+            if bar is not None:
+                bar.update(1)
+        if "dense" in self.settings.arms and not self.depth_path(seed).is_file():
+            write_json(self.depth_path(seed), self.depth_profile(seed, processor, eval_set))
+
+    def depth_profile(self, seed: int, processor, eval_set: EvalSet) -> dict[str, Any]:
+        """How deep the dense arm still reads the picture: its held-out accuracy with every vision token
+        withdrawn from layer K on (VTW's rule, `mllm_mod.eval.zoo.vtw`), for K = 1 .. L-1. Where this stays
+        at the dense accuracy from K = 1, the answer is read by layer 0, and no method that keeps layer 0
+        dense (pmod, random routing, FastV with K >= 1, ...) can be told apart from another on this task."""
+        from transformers import AutoModelForImageTextToText
+
+        from .eval.zoo import apply_zoo
+        from .retrofit import unload
+
+        model = AutoModelForImageTextToText.from_pretrained(self.seed_dir(seed) / "dense_model")
+        withdrawn: dict[str, dict[str, float]] = {}
+        for k in range(1, self.settings.num_layers):
+            apply_zoo(model, "vtw", withdraw_layer=k)
+            withdrawn[str(k)] = accuracy(model, processor, eval_set.batches, f"vision withdrawn from layer {k}")
+            unload(model)
+        return {"seed": seed, "withdrawn_from_layer": withdrawn}
+
+    def _run_parallel(self, seeds: list[int], jobs: int, bar: Any) -> None:
+        """`run_seed` for each of `seeds` in a pool of `jobs` spawned processes; the bar follows the arm
+        files as they appear. A failed seed is re-raised naming the seed and its log."""
+        import multiprocessing
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        def done_now() -> int:
+            return sum(self.done(seed, arm) for seed in seeds for arm in self.settings.arms)
+
+        start = done_now()
+        context = multiprocessing.get_context("spawn")  # no forked torch / tokenizer threads
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(run_seed_logged, str(self.out), self.settings, seed): seed for seed in seeds}
+            bar.set_postfix_str(f"{min(jobs, len(seeds))} processes, logs in seed*/log.txt")
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
+                bar.update(done_now() - start - bar.n)
+                for future in finished:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        seed = futures[future]
+                        log = self.seed_dir(seed) / "log.txt"
+                        raise RuntimeError(f"study seed {seed} failed (see {log})") from future.exception()
 
     def base(self, seed: int, meta: dict[str, Any]) -> Path:
         """Train (once) the seed's dense base from random init; returns its directory."""
@@ -706,8 +768,10 @@ class Study:
         chance = {f: info["chance"] for f, info in meta["families"].items()}
         import transformers
 
+        profiles = [json.loads(self.depth_path(seed).read_text()) for seed in range(s.seeds) if self.depth_path(seed).is_file()]
         results = {
             "arms": arms,
+            "depth": depth_summary(profiles) if profiles else {},
             "settings": {
                 **s.to_dict(),
                 "chance": chance,
@@ -748,6 +812,26 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically: an interrupted write leaves no file (what a resumed study trusts)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def depth_summary(profiles: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per K: the mean over families of each seed's accuracy with vision withdrawn from layer K, as mean
+    ± std over seeds, and per family."""
+    out: dict[str, Any] = {}
+    for k in profiles[0]["withdrawn_from_layer"]:
+        runs = [p["withdrawn_from_layer"][k] for p in profiles]
+        mean, std = mean_std([sum(r.values()) / len(r) for r in runs])
+        per_family = {f: dict(zip(("mean", "std"), mean_std([r[f] for r in runs]))) for f in runs[0]}
+        out[k] = {"mean": mean, "std": std, "per_family": per_family, "seeds": [p["seed"] for p in profiles]}
+    return out
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -823,6 +907,24 @@ def study_table(results: dict[str, Any]) -> str:
     text = f"Study {status}; accuracy mean ± std over seeds.\n\n" + markdown_table(rows)
     if unmatched:
         text += f"\n\nNot at pmod's TFLOPs (no budget of the method reaches it on this model): {', '.join(unmatched)}."
+    depth = results.get("depth") or {}
+    if depth and "dense" in arms:
+        dense = arms["dense"]
+        rows = [
+            ("vision tokens", "seeds", "mean acc", *families),
+            ("all, every layer (dense)", str(len(dense["seeds"])), f"{dense['accuracy_mean']:.3f} ± {dense['accuracy_std']:.3f}",
+             *(f"{dense['per_family'][f]['mean']:.3f} ± {dense['per_family'][f]['std']:.3f}" for f in families)),
+        ]  # fmt: skip
+        for k, d in depth.items():
+            rows.append((
+                f"withdrawn from layer {k}", str(len(d["seeds"])), f"{d['mean']:.3f} ± {d['std']:.3f}",
+                *(f"{d['per_family'][f]['mean']:.3f} ± {d['per_family'][f]['std']:.3f}" for f in families),
+            ))  # fmt: skip
+        text += (
+            "\n\nHow deep the dense arm reads the picture (every vision token withdrawn from layer K on, VTW's "
+            "rule, no training). Where accuracy holds from K = 1, the answer is read by layer 0, and methods that "
+            "keep layer 0 dense cannot be ranked on this task.\n\n" + markdown_table(rows)
+        )
     return text
 
 
@@ -966,12 +1068,30 @@ def cross_check(
     return result
 
 
-def run(out: str, settings: StudySettings | None = None) -> dict[str, Any]:
-    """Run (or resume) the study in `out`; returns the aggregated results."""
-    return Study(out, settings or StudySettings()).run()
+def run_seed_logged(out: str, settings: StudySettings, seed: int) -> None:
+    """One seed of the study in this (spawned) process, its output appended to ``seed{s}/log.txt``."""
+    study = Study(out, settings)
+    log = study.seed_dir(seed) / "log.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(settings.threads)
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), 1)  # the file descriptors, so that tqdm and the trainer's output go there too
+        os.dup2(f.fileno(), 2)
+        meta = json.loads((study.data_dir / "meta.json").read_text())
+        study.run_seed(seed, meta)
+
+
+def default_jobs(settings: StudySettings) -> int:
+    """Seeds side by side: as many as the CPU cores hold at ``settings.threads`` threads each."""
+    return max(1, min(settings.seeds, (os.cpu_count() or 1) // max(1, settings.threads)))
+
+
+def run(out: str, settings: StudySettings | None = None, jobs: int = 1) -> dict[str, Any]:
+    """Run (or resume) the study in `out` (`jobs` seeds side by side); returns the aggregated results."""
+    return Study(out, settings or StudySettings()).run(jobs)
 
 
 __all__ = [
     "ARMS", "ZOO_ARMS", "FastVBudget", "SeededRandomRouter", "Study", "StudySettings", "apply_random_routing",
-    "budget_match", "matched_fastv", "matched_prune_ratio", "pmod_ratios", "run",
+    "budget_match", "default_jobs", "matched_fastv", "matched_prune_ratio", "pmod_ratios", "run",
 ]  # fmt: skip

@@ -3,12 +3,14 @@ end to end (every arm runs, the results schema, resuming without redoing an arm)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from mllm_mod import layer_ratios, retrofit
+from mllm_mod.data import localized
 from mllm_mod.efficiency import efficiency
 from mllm_mod.flops import DecoderShape, prefill_cost
 from mllm_mod.study import (
@@ -179,7 +181,7 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     assert set(results["arms"]) == set(ARMS) and results["complete"]
     assert set(results) >= {"arms", "settings", "versions"}
     families = set(results["settings"]["chance"])
-    assert families == {"count", "presence", "oddquad", "where", "relpos"}
+    assert families == set(localized.families())
     for name, arm in results["arms"].items():
         assert set(arm) >= {
             "accuracy_mean",
@@ -223,6 +225,11 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     for name in ("study.md", "pareto.png", "patches.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "| pmod | 1 |" in (tmp_path / "study.md").read_text()
+    # the depth profile: the dense arm with vision withdrawn from each layer K = 1 .. L-1, per family
+    depth = results["depth"]
+    assert list(depth) == ["1", "2", "3"]
+    assert all(set(d["per_family"]) == families and d["seeds"] == [0] and 0 <= d["mean"] <= 1 for d in depth.values())
+    assert "| withdrawn from layer 3 | 1 |" in (tmp_path / "study.md").read_text()
 
     # resume: nothing is redone, the report is rewritten from the saved arms
     def refuse(*args, **kwargs):
@@ -234,6 +241,43 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     assert again["arms"] == results["arms"]
     with pytest.raises(ValueError, match="other settings"):
         Study(tmp_path, StudySettings(**{**StudySettings.quick().to_dict(), "n_train": 40})).run()
+
+
+def test_seeds_side_by_side_give_the_results_of_one_process(tmp_path):
+    """`--jobs 2`: two spawned processes, one seed each, logging to seed*/log.txt; seed 0's results are those
+    of a one-process study of seed 0 alone (the seeds are independent and each runs on one thread)."""
+    from mllm_mod.cli import main
+
+    small = {"families": ["count"], "arms": ["dense", "random_drop"]}
+    config = tmp_path / "small.yaml"
+    config.write_text(json.dumps(small))  # YAML reads JSON
+    assert main(["study", "--out", str(tmp_path / "two"), "--quick", "--config", str(config), "--seeds", "2", "--jobs", "2"]) == 0
+    assert main(["study", "--out", str(tmp_path / "one"), "--quick", "--config", str(config), "--jobs", "1"]) == 0
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert two["complete"] and all(len(arm["seeds"]) == 2 for arm in two["arms"].values())
+    for seed in (0, 1):
+        assert "seed %d dense: accuracy" % seed in (tmp_path / "two" / f"seed{seed}" / "log.txt").read_text()
+    for arm in small["arms"]:
+        a, b = two["arms"][arm]["seeds"][0], one["arms"][arm]["seeds"][0]
+        assert a["seed"] == b["seed"] == 0
+        assert a["per_family"] == b["per_family"] and a["blank_control"] == b["blank_control"]
+        assert a["tflops_ratio"] == b["tflops_ratio"]
+        if a["train"] is not None:
+            assert a["train"]["train_loss"] == b["train"]["train_loss"]
+
+
+def test_a_failed_seed_is_named(tmp_path):
+    from mllm_mod.study import Study
+
+    settings = dataclasses.replace(StudySettings.quick(), families=("count",), arms=("dense",), seeds=2)
+    study = Study(tmp_path, settings)
+    study.check_settings()
+    study.data()
+    for seed in (0, 1):  # a file where the seed's directory goes: each process fails at once
+        (tmp_path / f"seed{seed}").write_text("not a directory")
+    with pytest.raises(RuntimeError, match=r"study seed [01] failed \(see .*seed[01]/log.txt\)"):
+        study.run(jobs=2)
 
 
 def test_aggregate_takes_mean_and_std_over_seeds_and_the_table_says_partial():

@@ -19,6 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="study directory (data, checkpoints, per-arm results, report)")
     p.add_argument("--quick", action="store_true", help="the smoke study: one seed, a few steps per arm")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, --quick: 1)")
+    p.add_argument(
+        "--jobs", type=int, default=None,
+        help="seeds run side by side, one process each, logging to DIR/seed*/log.txt (default: as many as the "
+        "CPU cores allow, at most --seeds; the results do not depend on it)",
+    )  # fmt: skip
     p.add_argument("--config", help="a YAML mapping of StudySettings fields (over the defaults or --quick)")
     p.add_argument(
         "--arms",
@@ -37,14 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_study(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..study import StudySettings, run
+    from ..study import StudySettings, default_jobs, run
 
     settings = StudySettings.quick() if args.quick else StudySettings()
     if args.config:
         settings = StudySettings.load(args.config, base=settings)
     changes = {k: v for k, v in (("seeds", args.seeds), ("arms", args.arms)) if v is not None}
     settings = dataclasses.replace(settings, **changes)
-    results = run(args.out, settings)
+    results = run(args.out, settings, jobs=args.jobs if args.jobs is not None else default_jobs(settings))
     if args.cross_check:
         from ..study import cross_check
 
