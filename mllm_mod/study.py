@@ -997,11 +997,13 @@ CROSS_CHECK_NAME = "cross_check.json"
 def cross_check(
     out: str | os.PathLike, seed: int = 0, arm: str = "dense", per_family: int = 100, batch_size: int = 16
 ) -> dict[str, Any]:
-    """The study's accuracy of the `arm` checkpoint of `seed` (the saved ``dense_model``), recomputed on
-    the first `per_family` held-out questions of every family two ways: the study's own scorer (greedy
-    first answer token) and lmms-eval through the project's plugin (`mllm_mod.eval.lmms_plugin.MoDLMM`)
-    with the synthetic tasks' generation template (exact match of the generated answer). Written to
-    ``cross_check.json``."""
+    """The study's accuracy of an arm of `seed`, recomputed on the first `per_family` held-out questions of
+    every family two ways: the study's own scorer (greedy first answer token) and lmms-eval through the
+    project's plugin (`mllm_mod.eval.lmms_plugin.MoDLMM`) with the synthetic tasks' generation template
+    (exact match of the generated answer). `arm`: ``dense`` (the saved ``dense_model``), or a training-free
+    arm the plugin can apply from its model args (``fastv`` and the zoo's methods) at the budget the study
+    used for that seed, on the same weights. Written to ``cross_check.json`` (dense) or
+    ``cross_check_{arm}.json``."""
     import datasets
     from lmms_eval import evaluator
     from lmms_eval.tasks import TaskManager
@@ -1011,12 +1013,11 @@ def cross_check(
     from .eval.lmms_plugin import MoDLMM
     from .eval.synthetic import TEMPLATES
 
-    if arm != "dense":
-        raise ValueError("the cross-check runs on the saved dense arm (the only arm whose weights the study keeps)")
     root = Path(out)
     model_dir = root / f"seed{seed}" / "dense_model"
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir} is missing: run the study's dense arm for seed {seed} first")
+    method = cross_check_method(root, seed, arm)  # (preset, model args) or None for dense
     test = json.loads((root / "data" / "test.json").read_text())
     seen: dict[str, int] = defaultdict(int)
     records = []
@@ -1049,6 +1050,10 @@ def cross_check(
         tasks.append(name)
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    if method is not None:
+        from .eval.baselines import apply_baseline
+
+        apply_baseline(model, method[0], **method[1])
     batches = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
@@ -1057,15 +1062,37 @@ def cross_check(
     own = accuracy(model, processor, batches, "cross-check: study scorer")
     del model
     manager = TaskManager("WARNING", include_path=[str(task_dir)], include_defaults=False)
-    lm = MoDLMM(pretrained=str(model_dir), batch_size=batch_size, device="cpu")
+    model_args = {} if method is None else {"preset": method[0], **method[1]}
+    lm = MoDLMM(pretrained=str(model_dir), batch_size=batch_size, device="cpu", **model_args)
     res = evaluator.simple_evaluate(model=lm, tasks=tasks, task_manager=manager)
     lmms = {t[len("mllm_mod_localized_") :]: float(res["results"][t]["exact_match,none"]) for t in tasks}
     result = {
-        "seed": seed, "arm": arm, "per_family": per_family, "study_scorer": own, "lmms_eval": lmms,
-        "max_abs_difference": max(abs(own[f] - lmms[f]) for f in own),
+        "seed": seed, "arm": arm, "model_args": model_args, "per_family": per_family, "study_scorer": own,
+        "lmms_eval": lmms, "max_abs_difference": max(abs(own[f] - lmms[f]) for f in own),
     }  # fmt: skip
-    (root / CROSS_CHECK_NAME).write_text(json.dumps(result, indent=2))
+    name = CROSS_CHECK_NAME if arm == "dense" else f"cross_check_{arm}.json"
+    (root / name).write_text(json.dumps(result, indent=2))
     return result
+
+
+def cross_check_method(root: Path, seed: int, arm: str) -> tuple[str, dict[str, Any]] | None:
+    """The plugin's preset and model args for a training-free arm at the budget the study gave it on `seed`
+    (None for ``dense``); other arms are refused with the reason."""
+    if arm == "dense":
+        return None
+    if arm not in ("fastv", *ZOO_ARMS):
+        raise ValueError(
+            f"cross-check {arm!r}: the study keeps the weights of the dense arm only; the arms that run on them and "
+            f"that the plugin applies from model args are dense, fastv and {', '.join(ZOO_ARMS)}"
+        )
+    path = root / f"seed{seed}" / "arms" / f"{arm}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the study's {arm} arm for seed {seed} first")
+    info = json.loads(path.read_text())
+    if arm == "fastv":
+        return "fastv", {"prune_layer": info["fastv"]["prune_layer"], "prune_ratio": info["fastv"]["prune_ratio"]}
+    fields = info["budget"]["budget"]
+    return arm, {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in fields.items()}
 
 
 def run_seed_logged(out: str, settings: StudySettings, seed: int) -> None:

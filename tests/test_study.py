@@ -231,6 +231,15 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     assert all(set(d["per_family"]) == families and d["seeds"] == [0] and 0 <= d["mean"] <= 1 for d in depth.values())
     assert "| withdrawn from layer 3 | 1 |" in (tmp_path / "study.md").read_text()
 
+    # the cross-check of a training-free arm: the plugin applies the seed's DivPrune budget to the dense weights
+    from mllm_mod.study import cross_check
+
+    check = cross_check(tmp_path, arm="divprune", per_family=2, batch_size=8)
+    assert check["model_args"] == {"preset": "divprune", **arms["divprune"]["seeds"][0]["budget"]["budget"]}
+    assert set(check["study_scorer"]) == set(check["lmms_eval"]) == families
+    assert check["max_abs_difference"] == 0.0
+    assert json.loads((tmp_path / "cross_check_divprune.json").read_text()) == check
+
     # resume: nothing is redone, the report is rewritten from the saved arms
     def refuse(*args, **kwargs):
         raise AssertionError("a finished arm was run again")
@@ -278,6 +287,22 @@ def test_a_failed_seed_is_named(tmp_path):
         (tmp_path / f"seed{seed}").write_text("not a directory")
     with pytest.raises(RuntimeError, match=r"study seed [01] failed \(see .*seed[01]/log.txt\)"):
         study.run(jobs=2)
+
+
+def test_cross_check_takes_the_arms_budget_and_refuses_arms_without_weights(tmp_path):
+    from mllm_mod.study import cross_check_method
+
+    arms = tmp_path / "seed0" / "arms"
+    arms.mkdir(parents=True)
+    (arms / "fastv.json").write_text(json.dumps({"fastv": {"prune_layer": 1, "prune_ratio": 0.59375, "seed": 0}}))
+    (arms / "pdrop.json").write_text(json.dumps({"budget": {"budget": {"lam": 0.61, "layer_list": [1, 2, 3]}}}))
+    assert cross_check_method(tmp_path, 0, "dense") is None
+    assert cross_check_method(tmp_path, 0, "fastv") == ("fastv", {"prune_layer": 1, "prune_ratio": 0.59375})
+    assert cross_check_method(tmp_path, 0, "pdrop") == ("pdrop", {"lam": 0.61, "layer_list": "1,2,3"})
+    with pytest.raises(ValueError, match="keeps the weights of the dense arm only"):
+        cross_check_method(tmp_path, 0, "pmod")
+    with pytest.raises(FileNotFoundError, match="divprune arm for seed 0"):
+        cross_check_method(tmp_path, 0, "divprune")
 
 
 def test_aggregate_takes_mean_and_std_over_seeds_and_the_table_says_partial():

@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="afterwards, score the seed-0 dense arm on the first N held-out questions per family through lmms-eval "
         "(the project's plugin and synthetic generation template) beside the study's own scorer",
     )  # fmt: skip
+    p.add_argument(
+        "--cross-check-arm", default="dense", metavar="ARM",
+        help="the arm to cross-check: dense (default), fastv or a zoo method (dense weights, the seed's budget)",
+    )  # fmt: skip
     p.set_defaults(func=run_study)
 
 
@@ -53,9 +57,9 @@ def run_study(args: argparse.Namespace) -> int:
     if args.cross_check:
         from ..study import cross_check
 
-        check = cross_check(args.out, per_family=args.cross_check)
+        check = cross_check(args.out, arm=args.cross_check_arm, per_family=args.cross_check)
         print(
-            f"cross-check (seed 0, dense, {args.cross_check} per family): study {check['study_scorer']}, "
+            f"cross-check (seed 0, {args.cross_check_arm}, {args.cross_check} per family): study {check['study_scorer']}, "
             f"lmms-eval {check['lmms_eval']}; max |difference| {check['max_abs_difference']:.3f}"
         )
     print(f"wrote {args.out}/results.json, study.md, pareto.png" + (" (partial)" if not results["complete"] else ""))
