@@ -295,6 +295,15 @@ def test_static_cache_is_refused():
             model(**inputs, **{name: cache}, use_cache=True)
 
 
+def test_bidirectional_text_variant_is_refused():
+    """`use_bidirectional_attention` makes every stock layer attend both ways; MoD layers' masks are causal
+    outside an image block, so the variant is refused rather than answered wrongly."""
+    model = pmod_model()
+    model.config.text_config.use_bidirectional_attention = True
+    with pytest.raises(NotImplementedError, match="use_bidirectional_attention"), torch.no_grad():
+        model(**gemma_inputs([0]))
+
+
 def test_save_and_reload(tmp_path):
     """save_mod -> load_mod and save_pretrained -> mllm_mod.from_pretrained reproduce the logits exactly."""
     model = pmod_model()

@@ -38,6 +38,12 @@ STATIC_REFUSED = (
 )
 
 
+BIDIRECTIONAL_REFUSED = (
+    "Gemma 3 with use_bidirectional_attention (every token attends both ways, the embedding variant) is not "
+    "supported by MoD layers: their masks are causal outside an image's block"
+)
+
+
 @dataclass(frozen=True)
 class Gemma3Adapter(Adapter):
     """The stock adapter plus the bidirectional image blocks of the stock model's mask."""
@@ -50,6 +56,8 @@ class Gemma3Adapter(Adapter):
         attention_mask: torch.Tensor | None,
         inputs: Mapping[str, Any] | None = None,
     ) -> RoutingContext:
+        if getattr(self.text_config(model.config), "use_bidirectional_attention", False):
+            raise NotImplementedError(BIDIRECTIONAL_REFUSED)
         if inputs is not None and _is_static(compat.call_cache(inputs)):
             raise NotImplementedError(STATIC_REFUSED)
         ctx = super().routing_context(model, input_ids, inputs_embeds, attention_mask, inputs)
