@@ -48,6 +48,18 @@ def test_count_answer_is_the_number_of_red_cells(name):
         assert len(cells_of(color_mask(sample.media[0], "red"))) == int(sample.answer)
 
 
+def test_colorcount_answer_is_the_number_of_cells_of_the_named_colour():
+    """The picture holds both colours, so the count to read depends on the question."""
+    named_seen, differs = Counter(), 0
+    for sample in samples("colorcount"):
+        named = sample.question.split()[2]
+        other = {"red": "blue", "blue": "red"}[named]
+        assert len(cells_of(color_mask(sample.media[0], named))) == int(sample.answer)
+        differs += len(cells_of(color_mask(sample.media[0], other))) != int(sample.answer)
+        named_seen[named] += 1
+    assert set(named_seen) == {"red", "blue"} and differs > 0.7 * N
+
+
 def test_presence_answer_says_whether_the_named_colour_is_drawn():
     for sample in samples("presence"):
         asked = sample.question.split()[3]

@@ -10,6 +10,7 @@ like a model that does not read the picture, scores the chance level):
 |---|---|---|---:|
 | count | how many red objects are there ? (red among grey/coloured distractors) | 0-5 | 1/6 |
 | count9 | how many red objects are in the picture ? (red among grey/coloured distractors) | 0-9 | 1/10 |
+| colorcount | how many X objects are there ? (X red or blue, named in the question; both drawn) | 0-5 | 1/6 |
 | presence | is there a X object ? (one tiny coloured object among grey ones) | yes / no | 1/2 |
 | oddquad | which quadrant is different ? (one odd-coloured object) | 4 quadrants | 1/4 |
 | where | what color is the object in row R column C ? (3 x 3 regions) | 6 colours | 1/6 |
@@ -38,6 +39,7 @@ RADIUS = 3.0  # an object is at most 7 px wide: it never leaves its cell
 GREY = (128, 128, 128)
 MAX_COUNT = 5  # `count`: 0-5 red objects among 6 distractors
 MAX_COUNT9 = 9  # `count9`: 0-9 red objects among 8 distractors (the issue's "counting 0-9")
+COLORCOUNT_COLORS = ("red", "blue")  # `colorcount`: the question names one, the picture has both
 QUADRANTS = ("topleft", "topright", "bottomleft", "bottomright")
 REGIONS = 3  # the `where` family names a region of a 3 x 3 split of the picture
 
@@ -99,6 +101,18 @@ def make_count9(rng: np.random.Generator, size: int) -> Sample:
     """0-9 red objects among 8 distractors (grey, or another colour)."""
     n, picture = red_among_distractors(rng, MAX_COUNT9, 8)
     return Sample("how many red objects are in the picture ?", str(n), [picture])
+
+
+def make_colorcount(rng: np.random.Generator, size: int) -> Sample:
+    """0-5 objects of the named colour (red or blue) and 0-5 of the other, among 4 grey ones: the count to
+    read depends on the question."""
+    named = COLORCOUNT_COLORS[int(rng.integers(2))]
+    other = COLORCOUNT_COLORS[1 - COLORCOUNT_COLORS.index(named)]
+    n, m = int(rng.integers(0, MAX_COUNT + 1)), int(rng.integers(0, MAX_COUNT + 1))
+    cells = random_cells(rng, n + m + 4)
+    objects = [(cell, COLORS[named]) for cell in cells[:n]] + [(cell, COLORS[other]) for cell in cells[n : n + m]]
+    objects += [(cell, GREY) for cell in cells[n + m :]]
+    return Sample(f"how many {named} objects are there ?", str(n), [draw_objects(objects, rng)])
 
 
 def make_presence(rng: np.random.Generator, size: int) -> Sample:
@@ -174,6 +188,8 @@ def families() -> dict[str, Family]:
         Family("relpos", ("left", "right"), make_relpos, ("is the red object left or right of the blue object ?", *colors)),
         Family("count9", tuple(str(i) for i in range(MAX_COUNT9 + 1)), make_count9,
                ("how many red objects are in the picture ?",)),
+        Family("colorcount", tuple(str(i) for i in range(MAX_COUNT + 1)), make_colorcount,
+               tuple(f"how many {c} objects are there ?" for c in COLORCOUNT_COLORS)),
     ]
     return {f.name: f for f in out}
 
