@@ -503,7 +503,7 @@ class Study:
                     f"{self.out} holds a study with other settings {diffs} (saved, now); use another --out"
                 )
         self.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.settings.to_dict(), indent=2))
+        write_json(path, self.settings.to_dict())
 
     def data(self) -> dict[str, Any]:
         from .data import localized
@@ -544,10 +544,13 @@ class Study:
         processor = AutoProcessor.from_pretrained(base)  # the same vocabulary for every seed (`meta`)
         test = json.loads((self.data_dir / "test.json").read_text())
         eval_set = build_eval_set(processor, test, str(self.data_dir), self.settings)
+        todo = {arm for arm in self.settings.arms if not self.done(seed, arm)}  # what the bar counted
         for arm in self.settings.arms:
             if bar is not None:
                 bar.set_postfix_str(f"seed {seed} {arm}")
             if self.done(seed, arm):  # written meanwhile (e.g. by another process running this seed)
+                if bar is not None and arm in todo:
+                    bar.update(1)
                 continue
             write_json(self.arm_path(seed, arm), self.run_arm(seed, arm, processor, eval_set))
             if bar is not None:
@@ -574,30 +577,25 @@ class Study:
         return {"seed": seed, "withdrawn_from_layer": withdrawn}
 
     def _run_parallel(self, seeds: list[int], jobs: int, bar: Any) -> None:
-        """`run_seed` for each of `seeds` in a pool of `jobs` spawned processes; the bar follows the arm
-        files as they appear. A failed seed is re-raised naming the seed and its log."""
-        import multiprocessing
-        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+        """`run_seed` for each of `seeds`, `jobs` spawned processes at a time (`mllm_mod.jobs`), each logging
+        to ``seed{s}/log.txt``; the bar follows the arm files as they appear."""
+        from .jobs import Task, run_side_by_side
 
         def done_now() -> int:
             return sum(self.done(seed, arm) for seed in seeds for arm in self.settings.arms)
 
         start = done_now()
-        context = multiprocessing.get_context("spawn")  # no forked torch / tokenizer threads
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(run_seed_logged, str(self.out), self.settings, seed): seed for seed in seeds}
-            bar.set_postfix_str(f"{min(jobs, len(seeds))} processes, logs in seed*/log.txt")
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
-                bar.update(done_now() - start - bar.n)
-                for future in finished:
-                    if future.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        seed = futures[future]
-                        log = self.seed_dir(seed) / "log.txt"
-                        raise RuntimeError(f"study seed {seed} failed (see {log})") from future.exception()
+
+        def poll() -> None:
+            bar.update(done_now() - start - bar.n)
+
+        bar.set_postfix_str(f"{min(jobs, len(seeds))} processes, logs in seed*/log.txt")
+        tasks = [
+            Task(f"study seed {seed}", run_seed_in_process, (str(self.out), self.settings, seed), self.seed_dir(seed) / "log.txt")
+            for seed in seeds
+        ]
+        run_side_by_side(tasks, jobs, poll)
+        poll()
 
     def base(self, seed: int, meta: dict[str, Any]) -> Path:
         """Train (once) the seed's dense base from random init; returns its directory."""
@@ -786,7 +784,7 @@ class Study:
             },
             "complete": all(len(a["seeds"]) == s.seeds for a in arms.values()) and len(arms) == len(s.arms),
         }
-        (self.out / RESULTS_NAME).write_text(json.dumps(results, indent=2))
+        write_json(self.out / RESULTS_NAME, results)
         table = study_table(results)
         (self.out / TABLE_NAME).write_text(table + "\n")
         print(table)
@@ -815,11 +813,14 @@ def git_commit() -> str | None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Atomically: an interrupted write leaves no file (what a resumed study trusts)."""
+    """Atomically: an interrupted write leaves no file (what a resumed study trusts), and two processes
+    writing the same file never share a temporary one."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        f.write(json.dumps(data, indent=2))
+    os.replace(f.name, path)
 
 
 def depth_summary(profiles: list[dict[str, Any]]) -> dict[str, Any]:
@@ -829,9 +830,18 @@ def depth_summary(profiles: list[dict[str, Any]]) -> dict[str, Any]:
     for k in profiles[0]["withdrawn_from_layer"]:
         runs = [p["withdrawn_from_layer"][k] for p in profiles]
         mean, std = mean_std([sum(r.values()) / len(r) for r in runs])
-        per_family = {f: dict(zip(("mean", "std"), mean_std([r[f] for r in runs]))) for f in runs[0]}
-        out[k] = {"mean": mean, "std": std, "per_family": per_family, "seeds": [p["seed"] for p in profiles]}
+        out[k] = {"mean": mean, "std": std, "per_family": per_family_mean_std(runs), "seeds": [p["seed"] for p in profiles]}
     return out
+
+
+def per_family_mean_std(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{family: {"mean", "std"}} over seeds, from each seed's {family: accuracy}."""
+    return {f: dict(zip(("mean", "std"), mean_std([r[f] for r in runs]))) for f in sorted(runs[0])}
+
+
+def pm(stat: dict[str, float]) -> str:
+    """A table cell: "mean ± std" of a {"mean", "std"} pair."""
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -841,12 +851,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over seeds of one arm's per-seed results."""
     mean, std = mean_std([r["accuracy"] for r in runs])
-    families = sorted(runs[0]["per_family"])
     blank = [r["blank_control"] for r in runs if r["blank_control"] is not None]
     out = {
         "accuracy_mean": mean,
         "accuracy_std": std,
-        "per_family": {f: dict(zip(("mean", "std"), mean_std([r["per_family"][f] for r in runs]))) for f in families},
+        "per_family": per_family_mean_std([r["per_family"] for r in runs]),
         "blank_control": statistics.fmean(blank) if blank else None,
         "tflops_ratio": statistics.fmean(r["tflops_ratio"] for r in runs),
         "kv_ratio": statistics.fmean(r["kv_ratio"] for r in runs),
@@ -898,8 +907,8 @@ def study_table(results: dict[str, Any]) -> str:
                 note += f" (closest budget: cannot reach pmod's TFLOPs, x{budget['predicted_tflops_ratio']:.3f} vs x{budget['target_tflops_ratio']:.3f})"
                 unmatched.append(name)
         rows.append((
-            name, str(len(arm["seeds"])), f"{arm['accuracy_mean']:.3f} ± {arm['accuracy_std']:.3f}",
-            *(f"{fam[f]['mean']:.3f} ± {fam[f]['std']:.3f}" for f in families),
+            name, str(len(arm["seeds"])), pm({"mean": arm["accuracy_mean"], "std": arm["accuracy_std"]}),
+            *(pm(fam[f]) for f in families),
             "" if arm["blank_control"] is None else f"{arm['blank_control']:.3f}",
             f"{arm['tflops_ratio']:.3f}", f"{arm['kv_ratio']:.3f}", note,
         ))  # fmt: skip
@@ -912,14 +921,11 @@ def study_table(results: dict[str, Any]) -> str:
         dense = arms["dense"]
         rows = [
             ("vision tokens", "seeds", "mean acc", *families),
-            ("all, every layer (dense)", str(len(dense["seeds"])), f"{dense['accuracy_mean']:.3f} ± {dense['accuracy_std']:.3f}",
-             *(f"{dense['per_family'][f]['mean']:.3f} ± {dense['per_family'][f]['std']:.3f}" for f in families)),
+            ("all, every layer (dense)", str(len(dense["seeds"])),
+             pm({"mean": dense["accuracy_mean"], "std": dense["accuracy_std"]}), *(pm(dense["per_family"][f]) for f in families)),
         ]  # fmt: skip
         for k, d in depth.items():
-            rows.append((
-                f"withdrawn from layer {k}", str(len(d["seeds"])), f"{d['mean']:.3f} ± {d['std']:.3f}",
-                *(f"{d['per_family'][f]['mean']:.3f} ± {d['per_family'][f]['std']:.3f}" for f in families),
-            ))  # fmt: skip
+            rows.append((f"withdrawn from layer {k}", str(len(d["seeds"])), pm(d), *(pm(d["per_family"][f]) for f in families)))
         text += (
             "\n\nHow deep the dense arm reads the picture (every vision token withdrawn from layer K on, VTW's "
             "rule, no training). Where accuracy holds from K = 1, the answer is read by layer 0, and methods that "
@@ -1071,46 +1077,47 @@ def cross_check(
         "lmms_eval": lmms, "max_abs_difference": max(abs(own[f] - lmms[f]) for f in own),
     }  # fmt: skip
     name = CROSS_CHECK_NAME if arm == "dense" else f"cross_check_{arm}.json"
-    (root / name).write_text(json.dumps(result, indent=2))
+    write_json(root / name, result)
     return result
 
 
 def cross_check_method(root: Path, seed: int, arm: str) -> tuple[str, dict[str, Any]] | None:
     """The plugin's preset and model args for a training-free arm at the budget the study gave it on `seed`
     (None for ``dense``); other arms are refused with the reason."""
+    check_cross_check_arm(arm)
     if arm == "dense":
         return None
-    if arm not in ("fastv", *ZOO_ARMS):
-        raise ValueError(
-            f"cross-check {arm!r}: the study keeps the weights of the dense arm only; the arms that run on them and "
-            f"that the plugin applies from model args are dense, fastv and {', '.join(ZOO_ARMS)}"
-        )
     path = root / f"seed{seed}" / "arms" / f"{arm}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the study's {arm} arm for seed {seed} first")
     info = json.loads(path.read_text())
     if arm == "fastv":
         return "fastv", {"prune_layer": info["fastv"]["prune_layer"], "prune_ratio": info["fastv"]["prune_ratio"]}
-    fields = info["budget"]["budget"]
-    return arm, {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in fields.items()}
+    return arm, dict(info["budget"]["budget"])  # the budget() fields: the plugin's model args, as recorded
 
 
-def run_seed_logged(out: str, settings: StudySettings, seed: int) -> None:
-    """One seed of the study in this (spawned) process, its output appended to ``seed{s}/log.txt``."""
-    study = Study(out, settings)
-    log = study.seed_dir(seed) / "log.txt"
-    log.parent.mkdir(parents=True, exist_ok=True)
+CROSS_CHECK_ARMS = ("dense", "fastv", *ZOO_ARMS)  # the arms on the dense weights the plugin applies from model args
+
+
+def check_cross_check_arm(arm: str) -> None:
+    if arm not in CROSS_CHECK_ARMS:
+        raise ValueError(
+            f"cross-check {arm!r}: the study keeps the weights of the dense arm only; the arms that run on them and "
+            f"that the plugin applies from model args are {', '.join(CROSS_CHECK_ARMS)}"
+        )
+
+
+def run_seed_in_process(out: str, settings: StudySettings, seed: int) -> None:
+    """One seed of the study (`Study.run_seed`), in a process of its own (`mllm_mod.jobs`)."""
     torch.set_num_threads(settings.threads)
-    with open(log, "a") as f:
-        os.dup2(f.fileno(), 1)  # the file descriptors, so that tqdm and the trainer's output go there too
-        os.dup2(f.fileno(), 2)
-        meta = json.loads((study.data_dir / "meta.json").read_text())
-        study.run_seed(seed, meta)
+    study = Study(out, settings)
+    study.run_seed(seed, json.loads((study.data_dir / "meta.json").read_text()))
 
 
 def default_jobs(settings: StudySettings) -> int:
     """Seeds side by side: as many as the CPU cores hold at ``settings.threads`` threads each."""
-    return max(1, min(settings.seeds, (os.cpu_count() or 1) // max(1, settings.threads)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(settings.seeds, cores // max(1, settings.threads)))
 
 
 def run(out: str, settings: StudySettings | None = None, jobs: int = 1) -> dict[str, Any]:

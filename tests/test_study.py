@@ -11,6 +11,7 @@ import torch
 
 from mllm_mod import layer_ratios, retrofit
 from mllm_mod.data import localized
+from mllm_mod.eval.zoo.pdrop import PDropSpec
 from mllm_mod.efficiency import efficiency
 from mllm_mod.flops import DecoderShape, prefill_cost
 from mllm_mod.study import (
@@ -247,46 +248,68 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(Study, "run_arm", refuse)
     monkeypatch.setattr(Study, "base", refuse)
     again = json.loads(json.dumps(Study(tmp_path, StudySettings.quick()).run()))
-    assert again["arms"] == results["arms"]
+    assert again["arms"] == results["arms"] and again["depth"] == results["depth"]
+    # a study made before the depth profile gets it on its next run, without redoing an arm
+    monkeypatch.undo()
+    monkeypatch.setattr(Study, "run_arm", refuse)
+    profile = json.loads((tmp_path / "seed0" / "depth.json").read_text())
+    (tmp_path / "seed0" / "depth.json").unlink()
+    assert json.loads(json.dumps(Study(tmp_path, StudySettings.quick()).run()))["depth"] == results["depth"]
+    assert json.loads((tmp_path / "seed0" / "depth.json").read_text()) == profile
     with pytest.raises(ValueError, match="other settings"):
         Study(tmp_path, StudySettings(**{**StudySettings.quick().to_dict(), "n_train": 40})).run()
 
 
 def test_seeds_side_by_side_give_the_results_of_one_process(tmp_path):
-    """`--jobs 2`: two spawned processes, one seed each, logging to seed*/log.txt; seed 0's results are those
-    of a one-process study of seed 0 alone (the seeds are independent and each runs on one thread)."""
+    """`--jobs 2`: one spawned process per seed, logging to seed*/log.txt; each seed's results are those of a
+    one-process study of the same seeds (the seeds are independent and each runs on one thread)."""
     from mllm_mod.cli import main
 
     small = {"families": ["count"], "arms": ["dense", "random_drop"]}
     config = tmp_path / "small.yaml"
     config.write_text(json.dumps(small))  # YAML reads JSON
-    assert main(["study", "--out", str(tmp_path / "two"), "--quick", "--config", str(config), "--seeds", "2", "--jobs", "2"]) == 0
-    assert main(["study", "--out", str(tmp_path / "one"), "--quick", "--config", str(config), "--jobs", "1"]) == 0
+    for out, jobs in (("two", "2"), ("one", "1")):
+        args = ["study", "--out", str(tmp_path / out), "--quick", "--config", str(config), "--seeds", "2", "--jobs", jobs]
+        assert main(args) == 0
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     assert two["complete"] and all(len(arm["seeds"]) == 2 for arm in two["arms"].values())
     for seed in (0, 1):
-        assert "seed %d dense: accuracy" % seed in (tmp_path / "two" / f"seed{seed}" / "log.txt").read_text()
+        log = (tmp_path / "two" / f"seed{seed}" / "log.txt").read_text()
+        assert f"seed {seed} dense: accuracy" in log and f"seed {1 - seed} dense" not in log
+        assert not (tmp_path / "one" / f"seed{seed}" / "log.txt").exists()
     for arm in small["arms"]:
-        a, b = two["arms"][arm]["seeds"][0], one["arms"][arm]["seeds"][0]
-        assert a["seed"] == b["seed"] == 0
-        assert a["per_family"] == b["per_family"] and a["blank_control"] == b["blank_control"]
-        assert a["tflops_ratio"] == b["tflops_ratio"]
-        if a["train"] is not None:
-            assert a["train"]["train_loss"] == b["train"]["train_loss"]
+        for seed in (0, 1):
+            a, b = two["arms"][arm]["seeds"][seed], one["arms"][arm]["seeds"][seed]
+            assert a["seed"] == b["seed"] == seed
+            assert a["per_family"] == b["per_family"] and a["blank_control"] == b["blank_control"]
+            assert a["tflops_ratio"] == b["tflops_ratio"]
+            if a["train"] is not None:  # the bite: the same training loss to the last bit
+                assert a["train"]["train_loss"] == b["train"]["train_loss"]
+    assert two["depth"] == one["depth"]
 
 
-def test_a_failed_seed_is_named(tmp_path):
+def test_a_failed_seed_is_named_with_its_traceback_in_its_log(tmp_path):
+    """Three seeds on two processes, each failing inside its run (a base without its processor): the first
+    failure is raised naming the seed and its log, the log holds the traceback, nothing is left running."""
     from mllm_mod.study import Study
 
-    settings = dataclasses.replace(StudySettings.quick(), families=("count",), arms=("dense",), seeds=2)
+    settings = dataclasses.replace(StudySettings.quick(), families=("count",), arms=("dense",), seeds=3)
     study = Study(tmp_path, settings)
     study.check_settings()
     study.data()
-    for seed in (0, 1):  # a file where the seed's directory goes: each process fails at once
-        (tmp_path / f"seed{seed}").write_text("not a directory")
-    with pytest.raises(RuntimeError, match=r"study seed [01] failed \(see .*seed[01]/log.txt\)"):
+    for seed in range(3):  # a finished-looking base with no model or processor in it
+        base = tmp_path / f"seed{seed}" / "base"
+        base.mkdir(parents=True)
+        (base / "train_summary.json").write_text("{}")
+    with pytest.raises(RuntimeError, match=r"study seed ([012]) failed \(exit code 1; see .*seed\1/log.txt\)") as error:
         study.run(jobs=2)
+    seed = int(str(error.value).split()[2])
+    log = (tmp_path / f"seed{seed}" / "log.txt").read_text()
+    assert "Traceback" in log and "base" in log
+    import multiprocessing
+
+    assert not multiprocessing.active_children()
 
 
 def test_cross_check_takes_the_arms_budget_and_refuses_arms_without_weights(tmp_path):
@@ -295,10 +318,16 @@ def test_cross_check_takes_the_arms_budget_and_refuses_arms_without_weights(tmp_
     arms = tmp_path / "seed0" / "arms"
     arms.mkdir(parents=True)
     (arms / "fastv.json").write_text(json.dumps({"fastv": {"prune_layer": 1, "prune_ratio": 0.59375, "seed": 0}}))
-    (arms / "pdrop.json").write_text(json.dumps({"budget": {"budget": {"lam": 0.61, "layer_list": [1, 2, 3]}}}))
+    shape = DecoderShape(hidden=64, intermediate=128, heads=4, kv_heads=4, head_dim=16, vocab=200, layers=4)
+    pdrop = budget_match(shape, PDropSpec(layer_list=(1, 2, 3), lam=0.61), 12.0, 144, [1.0, 0.75, 0.25, 0.15])
+    (arms / "pdrop.json").write_text(json.dumps({"budget": pdrop}))  # as the study records it
     assert cross_check_method(tmp_path, 0, "dense") is None
     assert cross_check_method(tmp_path, 0, "fastv") == ("fastv", {"prune_layer": 1, "prune_ratio": 0.59375})
-    assert cross_check_method(tmp_path, 0, "pdrop") == ("pdrop", {"lam": 0.61, "layer_list": "1,2,3"})
+    method = cross_check_method(tmp_path, 0, "pdrop")
+    assert method == ("pdrop", {"lam": 0.61, "layer_list": "1,2,3"})
+    from mllm_mod.eval.zoo import zoo_spec
+
+    assert zoo_spec(*method[:1], **method[1]) == PDropSpec(layer_list=(1, 2, 3), lam=0.61)  # the plugin's parse
     with pytest.raises(ValueError, match="keeps the weights of the dense arm only"):
         cross_check_method(tmp_path, 0, "pmod")
     with pytest.raises(FileNotFoundError, match="divprune arm for seed 0"):

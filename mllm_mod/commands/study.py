@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--cross-check", type=int, metavar="N", default=0,
-        help="afterwards, score the seed-0 dense arm on the first N held-out questions per family through lmms-eval "
+        help="afterwards, score seed 0's --cross-check-arm on the first N held-out questions per family through lmms-eval "
         "(the project's plugin and synthetic generation template) beside the study's own scorer",
     )  # fmt: skip
     p.add_argument(
@@ -46,8 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_study(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..study import StudySettings, default_jobs, run
+    from ..study import StudySettings, check_cross_check_arm, default_jobs, run
 
+    if args.cross_check_arm != "dense" and not args.cross_check:
+        raise SystemExit("--cross-check-arm needs --cross-check N (the questions per family to score)")
+    check_cross_check_arm(args.cross_check_arm)  # before the study runs, not hours later
     settings = StudySettings.quick() if args.quick else StudySettings()
     if args.config:
         settings = StudySettings.load(args.config, base=settings)
