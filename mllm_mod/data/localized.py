@@ -10,7 +10,7 @@ like a model that does not read the picture, scores the chance level):
 |---|---|---|---:|
 | count | how many red objects are there ? (red among grey/coloured distractors) | 0-5 | 1/6 |
 | count9 | how many red objects are in the picture ? (red among grey/coloured distractors) | 0-9 | 1/10 |
-| colorcount | how many X objects are there ? (X red or blue, named in the question; both drawn) | 0-5 | 1/6 |
+| colorcount | how many X objects are there ? (X red or blue, named in the question; 0-5 of each among grey) | 0-5 | 1/6 |
 | presence | is there a X object ? (one tiny coloured object among grey ones) | yes / no | 1/2 |
 | oddquad | which quadrant is different ? (one odd-coloured object) | 4 quadrants | 1/4 |
 | where | what color is the object in row R column C ? (3 x 3 regions) | 6 colours | 1/6 |
@@ -39,7 +39,7 @@ RADIUS = 3.0  # an object is at most 7 px wide: it never leaves its cell
 GREY = (128, 128, 128)
 MAX_COUNT = 5  # `count`: 0-5 red objects among 6 distractors
 MAX_COUNT9 = 9  # `count9`: 0-9 red objects among 8 distractors (the issue's "counting 0-9")
-COLORCOUNT_COLORS = ("red", "blue")  # `colorcount`: the question names one, the picture has both
+COLORCOUNT_COLORS = ("red", "blue")  # `colorcount`: the question names one; 0-5 of each are drawn
 QUADRANTS = ("topleft", "topright", "bottomleft", "bottomright")
 REGIONS = 3  # the `where` family names a region of a 3 x 3 split of the picture
 
@@ -80,15 +80,24 @@ def other_colors(exclude: Sequence[str]) -> list[str]:
 
 
 # -- families ----------------------------------------------------------------------------------------
+def scatter(rng: np.random.Generator, groups: Sequence[tuple[int, Sequence[tuple[int, int, int]]]]) -> np.ndarray:
+    """Small objects on distinct random cells: for each ``(n, palette)`` group, n objects whose colour is the
+    palette's one colour or, for a longer palette, drawn from it per object -> picture [H, W, 3]."""
+    cells = random_cells(rng, sum(n for n, _ in groups))
+    objects, first = [], 0
+    for n, palette in groups:
+        for cell in cells[first : first + n]:
+            objects.append((cell, palette[0] if len(palette) == 1 else palette[int(rng.integers(len(palette)))]))
+        first += n
+    return draw_objects(objects, rng)
+
+
 def red_among_distractors(rng: np.random.Generator, max_count: int, distractors: int) -> tuple[int, np.ndarray]:
     """0..`max_count` red objects (uniform) among `distractors` others (grey, or another colour):
     (the number of red objects, the picture [H, W, 3])."""
     n = int(rng.integers(0, max_count + 1))
-    cells = random_cells(rng, n + distractors)
     palette = [GREY] + [COLORS[c] for c in other_colors(["red"])]
-    objects = [(cell, COLORS["red"]) for cell in cells[:n]]
-    objects += [(cell, palette[int(rng.integers(len(palette)))]) for cell in cells[n:]]
-    return n, draw_objects(objects, rng)
+    return n, scatter(rng, [(n, [COLORS["red"]]), (distractors, palette)])
 
 
 def make_count(rng: np.random.Generator, size: int) -> Sample:
@@ -104,15 +113,13 @@ def make_count9(rng: np.random.Generator, size: int) -> Sample:
 
 
 def make_colorcount(rng: np.random.Generator, size: int) -> Sample:
-    """0-5 objects of the named colour (red or blue) and 0-5 of the other, among 4 grey ones: the count to
-    read depends on the question."""
+    """0-5 objects of the named colour (red or blue) and, independently, 0-5 of the other, among 4 grey ones:
+    the count to read depends on the question."""
     named = COLORCOUNT_COLORS[int(rng.integers(2))]
     other = COLORCOUNT_COLORS[1 - COLORCOUNT_COLORS.index(named)]
     n, m = int(rng.integers(0, MAX_COUNT + 1)), int(rng.integers(0, MAX_COUNT + 1))
-    cells = random_cells(rng, n + m + 4)
-    objects = [(cell, COLORS[named]) for cell in cells[:n]] + [(cell, COLORS[other]) for cell in cells[n : n + m]]
-    objects += [(cell, GREY) for cell in cells[n + m :]]
-    return Sample(f"how many {named} objects are there ?", str(n), [draw_objects(objects, rng)])
+    picture = scatter(rng, [(n, [COLORS[named]]), (m, [COLORS[other]]), (4, [GREY])])
+    return Sample(f"how many {named} objects are there ?", str(n), [picture])
 
 
 def make_presence(rng: np.random.Generator, size: int) -> Sample:
