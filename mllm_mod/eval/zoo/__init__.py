@@ -11,7 +11,7 @@ One module per method, all on the staged decision of `staged` (the same gather, 
   of the projected vision tokens, before the LLM: every layer sees the shorter sequence.
 - ``visionzip`` (`visionzip`): VisionZip -- in the vision encoder, ``dominant`` tokens (CLS + the patches CLS
   attends to most; 54) and ``contextual`` tokens merged from the rest (10); the LLM sees the shorter sequence
-  (LLaVA-1.5; other families refused with the reason).
+  (LLaVA-1.5 and LLaVA-NeXT, each anyres crop zipped on its own; other families refused with the reason).
 - ``dart`` (`dart`): DART -- pivots by the key norm of layer K-1 (``pruned_layer`` 2; ``pivot_image_token``
   4, ``pivot_text_token`` 4), each claiming the image tokens least similar to it; ``reduction_ratio`` 0.778.
 

@@ -342,6 +342,8 @@ REFUSED = {
     "no_cls": "VisionZip's dominant tokens are those CLS attends to most, and the authors' released code defines no rule "
     "for towers without CLS",
     "InternVL": "each tile's patches are pixel-shuffled 2 x 2 before the projector, which merged tokens cannot feed",
+    "LLaVA-NeXT-Video": "its video frames are average-pooled before the projector, which VisionZip's per-crop "
+    "token layout does not cover (not implemented; its images would need the LLaVA-NeXT path tested there)",
     "other": "VisionZip needs a CLIP tower whose CLS attention picks the dominant tokens (LLaVA-1.5, LLaVA-NeXT); "
     "this family's tower has no CLS token or packs its features differently",
 }
