@@ -135,6 +135,7 @@ def retrofit(
     if is_retrofitted(model):
         raise ValueError("model is already retrofitted; call mllm_mod.unload(model) first")
     adapter = adapter_for(model)
+    adapter.refuse(model)
     layers = adapter.layers(model)
     if arank is not None:
         report = arank if isinstance(arank, ARankReport) else ARankReport.load(arank)

@@ -22,6 +22,7 @@ from logits import (
 from torch.utils.flop_counter import FlopCounterMode
 
 import mllm_mod
+from mllm_mod.retrofit import is_retrofitted
 from mllm_mod.cache import static_mod_cache
 from mllm_mod.compat import output_cache
 from mllm_mod.efficiency import efficiency
@@ -298,7 +299,12 @@ def test_static_cache_is_refused():
 def test_bidirectional_text_variant_is_refused():
     """`use_bidirectional_attention` makes every stock layer attend both ways; MoD layers' masks are causal
     outside an image block, so the variant is refused rather than answered wrongly."""
-    model = pmod_model()
+    model = gemma3_model()
+    model.config.text_config.use_bidirectional_attention = True
+    with pytest.raises(NotImplementedError, match="use_bidirectional_attention"):
+        mllm_mod.retrofit(model, "pmod")
+    assert not is_retrofitted(model)  # refused before anything changed
+    model = pmod_model()  # a config changed after the retrofit: refused at the forward
     model.config.text_config.use_bidirectional_attention = True
     with pytest.raises(NotImplementedError, match="use_bidirectional_attention"), torch.no_grad():
         model(**gemma_inputs([0]))

@@ -53,6 +53,11 @@ class Adapter:
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
         return config.get_text_config(decoder=True)
 
+    def refuse(self, model: nn.Module) -> None:
+        """Raise where MoD layers cannot run this model as its stock layers do; checked by `retrofit` (before
+        anything changes) and again at every routed forward (a config changed after the retrofit). The
+        stock adapter refuses nothing."""
+
     def decoder(self, model: nn.Module) -> nn.Module:
         """The text decoder (an HF `*Model` with `.layers`): ``model.model.<decoder_attr>``."""
         inner = getattr(model, "model", model)

@@ -48,6 +48,10 @@ BIDIRECTIONAL_REFUSED = (
 class Gemma3Adapter(Adapter):
     """The stock adapter plus the bidirectional image blocks of the stock model's mask."""
 
+    def refuse(self, model: nn.Module) -> None:
+        if getattr(self.text_config(model.config), "use_bidirectional_attention", False):
+            raise NotImplementedError(BIDIRECTIONAL_REFUSED)
+
     def routing_context(
         self,
         model: nn.Module,
@@ -56,8 +60,7 @@ class Gemma3Adapter(Adapter):
         attention_mask: torch.Tensor | None,
         inputs: Mapping[str, Any] | None = None,
     ) -> RoutingContext:
-        if getattr(self.text_config(model.config), "use_bidirectional_attention", False):
-            raise NotImplementedError(BIDIRECTIONAL_REFUSED)
+        self.refuse(model)
         if inputs is not None and _is_static(compat.call_cache(inputs)):
             raise NotImplementedError(STATIC_REFUSED)
         ctx = super().routing_context(model, input_ids, inputs_embeds, attention_mask, inputs)
