@@ -5,6 +5,15 @@ sys.path.insert(0, "/work/main")
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from mllm_mod.study import prompt_batch
+if os.environ.get("QFIRST"):
+    def prompt_batch(processor, records, images):
+        processor.tokenizer.padding_side = "left"
+        texts = []
+        for record in records:
+            question = record["conversations"][0]["value"].replace("<image>", "").strip()
+            messages = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
+            texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        return processor(images=list(images), text=texts, return_tensors="pt", padding=True)
 from mllm_mod.eval.zoo import apply_zoo
 from mllm_mod.eval.baselines import apply_baseline
 from mllm_mod import unload
