@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mllm_mod
+from mllm_mod import compat
 from conftest import build, make_inputs, randomize_routers
 from logits import assert_batch_equals_single, assert_cached_equals_uncached, assert_logits_close, single
 from mllm_mod.cache import MoDCacheLayer, kv_entries
@@ -161,7 +162,7 @@ def test_gradient_checkpointing_matches_plain_backward():
     model(**inputs, labels=labels).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compat.enable_checkpointing(model, {"use_reentrant": False})  # this release's method (5.24 renamed it)
     mod_layers = [m for m in model.modules() if isinstance(m, MoDLayer)]
     assert mod_layers and all(m.gradient_checkpointing for m in mod_layers)
     calls = []
