@@ -91,6 +91,7 @@ class Adapter:
     ) -> RoutingContext:
         """Candidates [B, T] = the vision placeholder positions of this chunk. `inputs`: the model call's other
         arguments (e.g. grids that size video frames), where the caller has them."""
+        self.refuse(model)
         ids = self.vision_token_ids(model.config)
         if input_ids is not None:
             candidates = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # [B, T]

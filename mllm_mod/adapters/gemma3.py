@@ -60,7 +60,6 @@ class Gemma3Adapter(Adapter):
         attention_mask: torch.Tensor | None,
         inputs: Mapping[str, Any] | None = None,
     ) -> RoutingContext:
-        self.refuse(model)
         if inputs is not None and _is_static(compat.call_cache(inputs)):
             raise NotImplementedError(STATIC_REFUSED)
         ctx = super().routing_context(model, input_ids, inputs_embeds, attention_mask, inputs)
