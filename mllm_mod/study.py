@@ -55,6 +55,7 @@ ARMS = (*TRAINED_ARMS, *TRAINING_FREE_ARMS)
 RESULTS_NAME, TABLE_NAME, PARETO_NAME, PATCHES_NAME = "results.json", "study.md", "pareto.png", "patches.png"
 DEPTH_NAME = "depth.json"  # per seed: the dense arm's accuracy with vision withdrawn from layer K on
 PICTURE_ARMS = ("pmod", "random_routing")
+ROUTING_IMAGES = 128  # held-out pictures on which a routed arm's kept patches are scored (`mllm_mod.kept`)
 BASE_SAVE_STEPS = 100  # the base run's checkpoint interval (what an interrupted study resumes from)
 MATCH_TOLERANCE = 0.01  # a training-free arm is "at pmod's TFLOPs" when its predicted ratio is within this of pmod's
 
@@ -94,6 +95,9 @@ class StudySettings:
     picture_layer: int = 2  # the deep layer whose kept patches `patches.png` shows
     picture_images: int = 5
     logging_steps: int = 5
+    # MoDConfig fields over the pmod preset, for pmod, pmod_c50/c30 and random_routing and for the TFLOPs
+    # the other arms are matched to (an ablation knob: e.g. a constant ratio, tanh_alpha)
+    mod_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def quick(cls) -> StudySettings:
@@ -120,6 +124,10 @@ class StudySettings:
             raise ValueError(f"n_blank must be in [0, n_test], got {self.n_blank}")
         if not 1 <= self.fastv_layer < self.num_layers:
             raise ValueError(f"fastv_layer K must be in [1, {self.num_layers - 1}], got {self.fastv_layer}")
+        if not isinstance(self.mod_overrides, dict):
+            raise TypeError(f"mod_overrides is a mapping of MoDConfig fields, got {self.mod_overrides!r}")
+        self.mod_overrides = dict(self.mod_overrides)
+        pmod_ratios(self.num_layers, self.mod_overrides)  # an unknown field or a bad value fails here
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,11 +203,12 @@ class SeededRandomRouter(nn.Module):
         return logits.to(hidden_states.device)[..., None]  # [B, T, 1]
 
 
-def apply_random_routing(model: nn.Module, seed: int) -> nn.Module:
-    """Retrofit pmod and replace every MoD layer's router by a `SeededRandomRouter` (in place)."""
+def apply_random_routing(model: nn.Module, seed: int, **overrides: Any) -> nn.Module:
+    """Retrofit pmod (with `overrides`, MoDConfig fields) and replace every MoD layer's router by a
+    `SeededRandomRouter` (in place)."""
     from .retrofit import mod_layer_map, retrofit
 
-    retrofit(model, "pmod")
+    retrofit(model, "pmod", **overrides)
     keys = SampleKeys(seed)
     for idx, layer in mod_layer_map(model).items():
         layer.router = SeededRandomRouter(keys, idx)
@@ -208,11 +217,12 @@ def apply_random_routing(model: nn.Module, seed: int) -> nn.Module:
 
 
 # -- compute matching --------------------------------------------------------------------------------
-def pmod_ratios(num_layers: int) -> list[float]:
+def pmod_ratios(num_layers: int, overrides: dict[str, Any] | None = None) -> list[float]:
+    """Per layer, the keep ratio of the pmod preset (with `overrides`, MoDConfig fields); 1.0 where dense."""
     from .config import preset
     from .schedule import mod_layers
 
-    chosen = mod_layers(preset("pmod"), num_layers)
+    chosen = mod_layers(preset("pmod", **(overrides or {})), num_layers)
     return [chosen.get(i, 1.0) for i in range(num_layers)]
 
 
@@ -397,26 +407,12 @@ def measure(model: nn.Module, eval_set: EvalSet, n_batches: int) -> dict[str, An
     }
 
 
-@torch.no_grad()
 def kept_patches(model: nn.Module, processor, batch: dict[str, torch.Tensor], layer_idx: int) -> list[list[int]]:
     """Per sample, the vision tokens (in picture order) that MoD layer `layer_idx` keeps: 1 kept, 0 skipped."""
-    from .retrofit import get_state, mod_layer_map
-    from .router import token_weights
-    from .select import topk_per_sample
+    from .kept import kept_vision
 
-    layer = mod_layer_map(model)[layer_idx]
-    captured: dict[str, torch.Tensor] = {}
-    handle = layer.router.register_forward_hook(lambda m, a, out: captured.__setitem__("logits", out))
-    try:
-        model.eval()
-        model(**batch, logits_to_keep=1)
-    finally:
-        handle.remove()
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    vision = (batch["input_ids"] == image_id) & batch["attention_mask"].bool()  # [B, T]
-    weights = token_weights(captured["logits"], get_state(model).config)  # [B, T]
-    keep = topk_per_sample(weights, vision, layer.ratio)  # [B, T]
-    return [keep[b][vision[b]].int().tolist() for b in range(keep.shape[0])]
+    return kept_vision(model, batch, image_id)[layer_idx].int().tolist()
 
 
 # -- training ----------------------------------------------------------------------------------------
@@ -493,10 +489,10 @@ class Study:
     def check_settings(self) -> None:
         """Record the settings; refuse to resume a directory made with different ones."""
         path = self.out / "settings.json"
-        now = self.settings.comparable()
+        now = json.loads(json.dumps(self.settings.comparable()))  # as saved: tuples become lists
         if path.is_file():
-            saved = json.loads(path.read_text())
-            saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()}
+            # a setting added after the directory was made counts as its default there
+            saved = {**json.loads(json.dumps(StudySettings().comparable())), **json.loads(path.read_text())}
             diffs = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             if diffs:
                 raise ValueError(
@@ -657,19 +653,19 @@ class Study:
             )
         model = AutoModelForImageTextToText.from_pretrained(source)
         info: dict[str, Any] = {"arm": arm, "seed": seed}
-        shape, ratios = self.shape(model), pmod_ratios(s.num_layers)
+        shape, ratios = self.shape(model), pmod_ratios(s.num_layers, s.mod_overrides)
         fastv_budget = matched_fastv(shape, eval_set.n_text, eval_set.n_vision, s.fastv_layer, ratios)
         fastv = {"prune_layer": s.fastv_layer, "prune_ratio": fastv_budget.prune_ratio(eval_set.n_vision), "seed": seed}
         if arm in ("fastv_ft", "fastv", "random_drop"):
             info["budget"] = budget_match(shape, fastv_budget, eval_set.n_text, eval_set.n_vision, ratios)
         if arm in ("pmod", "pmod_c50", "pmod_c30"):
-            layers = [i for i, r in enumerate(pmod_ratios(s.num_layers)) if r < 1.0]
+            layers = [i for i, r in enumerate(ratios) if r < 1.0]
             overrides = (
                 {}
                 if arm == "pmod"
                 else {"schedule": "constant", "layers": layers, "ratio": {"pmod_c50": 0.5, "pmod_c30": 0.3}[arm]}
             )
-            retrofit(model, "pmod", **overrides)
+            retrofit(model, "pmod", **{**s.mod_overrides, **overrides})
         elif arm == "gmod":
             from .arank import arank
 
@@ -684,7 +680,7 @@ class Study:
             retrofit(model, "gmod", arank=report, **GMOD_SHORT_RUN)
             info["arank_mod_layers"] = report.mod_layers()
         elif arm == "random_routing":
-            apply_random_routing(model, seed)
+            apply_random_routing(model, seed, **s.mod_overrides)
         elif arm in ("fastv_ft", "fastv"):
             apply_baseline(model, DropSpec.from_fields("fastv", **fastv))
             info["fastv"] = fastv
@@ -718,6 +714,12 @@ class Study:
             blank_control=sum(blank.values()) / len(blank) if blank else None,
             **measure(model, eval_set, s.efficiency_batches),
         )
+        from .kept import routing_recall
+
+        image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+        routing = routing_recall(model, eval_set.batches, str(self.data_dir), image_id, ROUTING_IMAGES)
+        if routing:
+            info["routing"] = routing
         if arm in PICTURE_ARMS and seed == 0:
             chunk, batch = self._picture_batch(processor, eval_set)
             info["kept_patches"] = {
@@ -860,11 +862,22 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "tflops_ratio": statistics.fmean(r["tflops_ratio"] for r in runs),
         "kv_ratio": statistics.fmean(r["kv_ratio"] for r in runs),
         "seeds": [
-            {k: r.get(k) for k in ("seed", "accuracy", "per_family", "blank_control", "tflops_ratio", "kv_ratio", "accounting_matches", "fastv", "budget", "arank_mod_layers", "train")}
+            {k: r.get(k) for k in ("seed", "accuracy", "per_family", "blank_control", "tflops_ratio", "kv_ratio", "accounting_matches", "fastv", "budget", "arank_mod_layers", "train", "routing")}
             for r in runs
         ],
     }  # fmt: skip
+    routed = [r["routing"] for r in runs if r.get("routing")]
+    if routed:
+        out["routing"] = {
+            layer: {key: mean_or_none([r[layer][key] for r in routed]) for key in ("kept", "object_recall", "named_recall")}
+            for layer in routed[0]
+        }
     return out
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean of `values`, or None when any is None."""
+    return None if any(v is None for v in values) else statistics.fmean(values)
 
 
 def study_table(results: dict[str, Any]) -> str:
@@ -930,6 +943,21 @@ def study_table(results: dict[str, Any]) -> str:
             "\n\nHow deep the dense arm reads the picture (every vision token withdrawn from layer K on, VTW's "
             "rule, no training). Where accuracy holds from K = 1, the answer is read by layer 0, and methods that "
             "keep layer 0 dense cannot be ranked on this task.\n\n" + markdown_table(rows)
+        )
+    routed = {name: arm["routing"] for name, arm in arms.items() if arm.get("routing")}
+    if routed:
+
+        def cell(value: float | None) -> str:
+            return "" if value is None else f"{value:.3f}"
+
+        rows = [("arm", "layer", "kept", "object recall", "named-colour recall")]
+        for name, layers in routed.items():
+            rows += [(name, layer, cell(r["kept"]), cell(r["object_recall"]), cell(r["named_recall"])) for layer, r in layers.items()]
+        text += (
+            "\n\nWhat the routers keep (`mllm_mod.kept`, mean over seeds, the first "
+            f"{ROUTING_IMAGES} held-out pictures): the share of vision tokens kept, and of the patches holding an "
+            "object, or the colour the question names, the share kept. A router no better than chance keeps "
+            "them at the `kept` share.\n\n" + markdown_table(rows)
         )
     return text
 

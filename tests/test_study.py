@@ -174,6 +174,33 @@ def test_settings_are_checked_and_loaded_from_yaml(tmp_path):
         StudySettings.load(path)
 
 
+def test_mod_overrides_reach_pmod_random_routing_and_the_matched_budget(tmp_path):
+    overrides = {"schedule": "constant", "layers": [1, 2, 3], "ratio": 0.15}
+    settings = StudySettings(mod_overrides=overrides)
+    assert pmod_ratios(4, settings.mod_overrides) == pytest.approx([1.0, 0.15, 0.15, 0.15])
+    assert pmod_ratios(4) == pytest.approx([1.0, 0.75, 0.25, 0.15])  # the preset's PRD without overrides
+    model, _ = tiny_model("llava", num_layers=4, seed=0)
+    apply_random_routing(model, seed=0, **overrides)
+    assert layer_ratios(model) == pytest.approx([1.0, 0.15, 0.15, 0.15])
+    with pytest.raises((TypeError, ValueError), match="nope"):
+        StudySettings(mod_overrides={"nope": 1})
+    with pytest.raises(ValueError, match="tanh_alpha"):
+        StudySettings(mod_overrides={"tanh_alpha": 1.5})
+    # the overrides are part of what a resumed directory must match; an older directory (no such key) reads
+    # as the default
+    study = Study(tmp_path / "s", settings)
+    study.check_settings()
+    Study(tmp_path / "s", StudySettings(mod_overrides=dict(overrides))).check_settings()
+    with pytest.raises(ValueError, match="mod_overrides"):
+        Study(tmp_path / "s", StudySettings()).check_settings()
+    saved = json.loads((tmp_path / "s" / "settings.json").read_text())
+    del saved["mod_overrides"]
+    (tmp_path / "s" / "settings.json").write_text(json.dumps(saved))
+    Study(tmp_path / "s", StudySettings()).check_settings()
+    with pytest.raises(ValueError, match="mod_overrides"):
+        Study(tmp_path / "s", settings).check_settings()
+
+
 def test_quick_study_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     from mllm_mod.cli import main
 
