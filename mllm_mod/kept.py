@@ -1,9 +1,9 @@
 """What MoD routers keep, measured against the picture.
 
-For each MoD layer, one forward gives every router's scores; the kept vision tokens are the top-k of the
-layer's weights among the vision tokens (the rule the layer applies). Against pictures whose objects are
-drawn in known colours on a known background (`mllm_mod.data.localized`), three numbers per layer say
-whether the router learned where the answer lives:
+For each MoD layer, one eval forward records the layer's own decision (which tokens went through it).
+Against pictures whose objects are drawn in known colours on a known background
+(`mllm_mod.data.localized`), three numbers per layer say whether the router learned where the answer
+lives:
 
 - ``kept``: the share of vision tokens kept (the layer's ratio, up to rounding);
 - ``object_recall``: the share of patches that hold any object (a pixel off the background) that are kept;
@@ -28,35 +28,36 @@ from torch import nn
 @torch.no_grad()
 def kept_vision(model: nn.Module, batch: dict[str, torch.Tensor], image_token_id: int) -> dict[int, torch.Tensor]:
     """Per MoD layer, which vision tokens of each sample it keeps: {layer: [B, N_vision] bool}, tokens in
-    picture order. Every sample of `batch` must have the same number of vision tokens."""
-    from .retrofit import get_state, is_retrofitted, mod_layer_map
-    from .router import token_weights
-    from .select import topk_per_sample
+    picture order. The decision is the layer's own (its `RouterRecord` of one eval forward), so it follows
+    whatever rule the layer applies: top-k or threshold, the candidates, a router shared by layers. Every
+    sample of `batch` must have the same number of vision tokens."""
+    from .retrofit import is_retrofitted, mod_layer_map
 
-    layers = mod_layer_map(model) if is_retrofitted(model) else {}
-    if not layers:
+    if not (is_retrofitted(model) and mod_layer_map(model)):
         return {}
-    captured: dict[int, torch.Tensor] = {}
-    handles = [
-        layer.router.register_forward_hook(lambda m, a, out, idx=idx: captured.__setitem__(idx, out))
-        for idx, layer in layers.items()
-    ]
-    try:
-        model.eval()
-        model(**batch, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
     vision = (batch["input_ids"] == image_token_id) & batch["attention_mask"].bool()  # [B, T]
     counts = vision.sum(dim=1)
     if not bool((counts == counts[0]).all()):
         raise ValueError(f"kept_vision: samples with different numbers of vision tokens {counts.tolist()}")
-    config = get_state(model).config
+    contexts = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        ctx = kwargs.get("mod_routing")  # the RoutingContext the retrofit's own pre-hook (registered first) made
+        if ctx is None:
+            raise RuntimeError("kept_vision: the forward has no routing context (is the model retrofitted?)")
+        ctx.records = []  # every MoD layer appends its decision
+        contexts.append(ctx)
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model.eval()
+        model(**batch, logits_to_keep=1)
+    finally:
+        handle.remove()
     out: dict[int, torch.Tensor] = {}
-    for idx, layer in layers.items():
-        keep = topk_per_sample(token_weights(captured[idx], config), vision, layer.ratio)  # [B, T]
-        out[idx] = keep[vision].view(vision.shape[0], int(counts[0])).cpu()  # [B, N_vision]
-    return out
+    for rec in contexts[-1].records:
+        out[rec.layer_idx] = rec.keep[vision].view(vision.shape[0], int(counts[0])).cpu()  # [B, N_vision]
+    return dict(sorted(out.items()))
 
 
 def patch_masks(
@@ -93,7 +94,7 @@ def routing_recall(
     """Per MoD layer {"kept", "object_recall", "named_recall", "images"} over the first `max_images`
     pictures of `batches` ((records, prompt batch) pairs of LLaVA-style records, one picture each), pooled
     over patches; {} for a model without MoD layers. `named_recall` is None where no question names a
-    colour."""
+    colour, `object_recall` where no picture has an object."""
     from PIL import Image
 
     from .data.synth import BACKGROUND, COLORS

@@ -56,6 +56,9 @@ RESULTS_NAME, TABLE_NAME, PARETO_NAME, PATCHES_NAME = "results.json", "study.md"
 DEPTH_NAME = "depth.json"  # per seed: the dense arm's accuracy with vision withdrawn from layer K on
 PICTURE_ARMS = ("pmod", "random_routing")
 ROUTING_IMAGES = 128  # held-out pictures on which a routed arm's kept patches are scored (`mllm_mod.kept`)
+ROUTED_ARMS = ("pmod", "pmod_c50", "pmod_c30", "gmod", "random_routing")  # arms whose MoD layers route
+# settings added after studies were run, each with the value every older study had (what a resume assumes)
+ADDED_SETTINGS: dict[str, Any] = {"mod_overrides": {}}
 BASE_SAVE_STEPS = 100  # the base run's checkpoint interval (what an interrupted study resumes from)
 MATCH_TOLERANCE = 0.01  # a training-free arm is "at pmod's TFLOPs" when its predicted ratio is within this of pmod's
 
@@ -491,8 +494,8 @@ class Study:
         path = self.out / "settings.json"
         now = json.loads(json.dumps(self.settings.comparable()))  # as saved: tuples become lists
         if path.is_file():
-            # a setting added after the directory was made counts as its default there
-            saved = {**json.loads(json.dumps(StudySettings().comparable())), **json.loads(path.read_text())}
+            # a setting added after the directory was made has there the value older studies had
+            saved = {**json.loads(json.dumps(ADDED_SETTINGS)), **json.loads(path.read_text())}
             diffs = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             if diffs:
                 raise ValueError(
@@ -714,12 +717,11 @@ class Study:
             blank_control=sum(blank.values()) / len(blank) if blank else None,
             **measure(model, eval_set, s.efficiency_batches),
         )
-        from .kept import routing_recall
+        if arm in ROUTED_ARMS:
+            from .kept import routing_recall
 
-        image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-        routing = routing_recall(model, eval_set.batches, str(self.data_dir), image_id, ROUTING_IMAGES)
-        if routing:
-            info["routing"] = routing
+            image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+            info["routing"] = routing_recall(model, eval_set.batches, str(self.data_dir), image_id, ROUTING_IMAGES)
         if arm in PICTURE_ARMS and seed == 0:
             chunk, batch = self._picture_batch(processor, eval_set)
             info["kept_patches"] = {
@@ -867,11 +869,15 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ],
     }  # fmt: skip
     routed = [r["routing"] for r in runs if r.get("routing")]
-    if routed:
+    if routed:  # per layer over the seeds that route it (gamma-MoD's ARank picks layers per seed)
+        layers = sorted({layer for r in routed for layer in r}, key=int)
         out["routing"] = {
-            layer: {key: mean_or_none([r[layer][key] for r in routed]) for key in ("kept", "object_recall", "named_recall")}
-            for layer in routed[0]
-        }
+            layer: {
+                **{key: mean_or_none([r[layer][key] for r in routed if layer in r]) for key in ("kept", "object_recall", "named_recall")},
+                "seeds": sum(layer in r for r in routed),
+            }
+            for layer in layers
+        }  # fmt: skip
     return out
 
 
@@ -950,11 +956,14 @@ def study_table(results: dict[str, Any]) -> str:
         def cell(value: float | None) -> str:
             return "" if value is None else f"{value:.3f}"
 
-        rows = [("arm", "layer", "kept", "object recall", "named-colour recall")]
+        rows = [("arm", "layer", "seeds", "kept", "object recall", "named-colour recall")]
         for name, layers in routed.items():
-            rows += [(name, layer, cell(r["kept"]), cell(r["object_recall"]), cell(r["named_recall"])) for layer, r in layers.items()]
+            rows += [
+                (name, layer, str(r["seeds"]), cell(r["kept"]), cell(r["object_recall"]), cell(r["named_recall"]))
+                for layer, r in layers.items()
+            ]
         text += (
-            "\n\nWhat the routers keep (`mllm_mod.kept`, mean over seeds, the first "
+            "\n\nWhat the routers keep (`mllm_mod.kept`, mean over the seeds that route the layer, the first "
             f"{ROUTING_IMAGES} held-out pictures): the share of vision tokens kept, and of the patches holding an "
             "object, or the colour the question names, the share kept. A router no better than chance keeps "
             "them at the `kept` share.\n\n" + markdown_table(rows)

@@ -379,3 +379,30 @@ def test_aggregate_takes_mean_and_std_over_seeds_and_the_table_says_partial():
     }
     table = study_table(results)
     assert table.startswith("Study PARTIAL") and "| pmod | 2 | 0.600 ± 0.141 |" in table
+    assert "routers keep" not in table  # no arm recorded routing
+
+
+def test_routing_is_averaged_per_layer_over_the_seeds_that_route_it():
+    from mllm_mod.study import aggregate, study_table
+
+    def layer(kept: float, obj: float | None, named: float | None) -> dict:
+        return {"kept": kept, "object_recall": obj, "named_recall": named, "images": 128}
+
+    def run(seed: int, routing: dict | None) -> dict:
+        out = {"seed": seed, "accuracy": 0.5, "per_family": {"a": 0.5}, "blank_control": None, "tflops_ratio": 0.3,
+               "kv_ratio": 0.3, "accounting_matches": True}  # fmt: skip
+        return {**out, "routing": routing} if routing is not None else out
+
+    # ARank's layers differ per seed; a seed run before routing was recorded has none
+    arm = aggregate([
+        run(0, {"0": layer(0.5, 0.4, 0.2), "2": layer(0.2, 0.1, None)}),
+        run(1, {"0": layer(0.3, 0.6, 0.4), "1": layer(0.1, 0.3, 0.5)}),
+        run(2, None),
+    ])  # fmt: skip
+    routing = arm["routing"]
+    assert list(routing) == ["0", "1", "2"] and [routing[k]["seeds"] for k in routing] == [2, 1, 1]
+    assert routing["0"]["kept"] == pytest.approx(0.4) and routing["0"]["named_recall"] == pytest.approx(0.3)
+    assert routing["2"]["named_recall"] is None and routing["1"]["object_recall"] == pytest.approx(0.3)
+    assert [s.get("routing") is not None for s in arm["seeds"]] == [True, True, False]
+    table = study_table({"arms": {"gmod": arm}, "settings": {"chance": {"a": 0.5}, "mean_chance": 0.5}})
+    assert "| gmod | 0 | 2 | 0.400 | 0.500 | 0.300 |" in table and "| gmod | 2 | 1 | 0.200 | 0.100 |  |" in table
