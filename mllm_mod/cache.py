@@ -74,6 +74,12 @@ class MoDCacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.seen
 
+    @property
+    def empty(self) -> bool:
+        """Whether no entry is recorded: the layer kept no token of any sample so far (`index`, `filled` and
+        `valid` are None then)."""
+        return self._entries == 0
+
     def kept_length(self) -> int:
         """Entries stored (the K/V tensors' sequence length)."""
         return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
@@ -485,7 +491,9 @@ def kv_entries(cache: Cache, attention_mask: torch.Tensor | None = None) -> list
     out = []
     for layer in cache.layers:
         if isinstance(layer, MoDCacheLayer):
-            if padding is not None and layer.window is not None:
+            if layer.empty:  # the layer kept no token of any sample (a threshold rule can), padding neither
+                out.append(torch.zeros(layer._batch if attention_mask is None else attention_mask.shape[0], dtype=torch.long))
+            elif padding is not None and layer.window is not None:
                 out.append(layer.valid.sum(dim=1).cpu())  # valid: filled and not padding
             else:
                 out.append(layer.filled.sum(dim=1).cpu() - (0 if padding is None else padding))

@@ -110,7 +110,7 @@ def efficiency(model: nn.Module, batch: dict[str, torch.Tensor]) -> EfficiencyRe
     routes = [isinstance(layer, MoDLayer) and n_vision_any(n_vision) for layer in layers]
     kept = [stats[i].kept.tolist() if i in stats else n_tokens for i in range(len(layers))]
     entries = [e.tolist() for e in kv_entries(cache, attention_mask)]  # real entries (padding excluded)
-    element = next(iter(cache.layers)).keys.element_size()
+    element = next(layer.keys.element_size() for layer in cache.layers if layer.keys is not None)  # a layer may hold none
     windows = [layer.window if isinstance(layer, MoDLayer) else _window(layer) for layer in layers]
     cached = [stats[i].cached.tolist() if i in stats and stats[i].cached is not None else None for i in range(len(layers))]
 

@@ -154,3 +154,38 @@ def test_gqa_1b_shape_kv_bytes_count_key_value_heads_only():
         tokens if r > 0.85 else ref.n_text + int(np.float32(ref.n_vision) * np.float32(max(r, 0.15))) for r in prd
     ]
     assert mod.kv_bytes == sum(entries) * 2 * 4 * 64 * 4
+
+
+def test_a_layer_that_keeps_no_token_is_measured_as_empty():
+    """A threshold rule over every token (gamma-MoD's kind) can keep nothing in a layer for a whole batch
+    without padding; the cache then holds no entry there. Accounting, KV bytes and the evaluation meter
+    read that layer as 0 (the fidelity study's gmod arm stopped on seed 4 of v4 with this)."""
+    import numpy as np
+    from PIL import Image
+
+    from mllm_mod.cache import MoDCacheLayer, kv_entries
+    from mllm_mod.compat import output_cache
+    from mllm_mod.efficiency import efficiency
+    from mllm_mod.eval.meter import prompt_kv_bytes, prompt_tokens_per_layer
+    from mllm_mod.tiny import tiny_model
+
+    model, processor = tiny_model("llava", num_layers=4, seed=0)
+    # w = 1 + 0.2 tanh(z) < 1.5 always: layers 0 and 2 keep nothing, text included
+    mllm_mod.retrofit(model, "pmod", schedule="constant", layers=[0, 2], ratio=0.5, candidates="all",
+                      inference="threshold", threshold=1.5)  # fmt: skip
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)) for _ in range(2)]
+    batch = processor(images=images, text=["USER : <image> what color ? ASSISTANT :"] * 2, return_tensors="pt")
+    model.eval()
+    report = efficiency(model, batch)
+    real = int(batch["attention_mask"].sum(dim=1)[0])
+    assert report.accounting_matches, report.mismatches
+    assert report.kept_per_layer == [[0, 0], [real, real], [0, 0], [real, real]]
+    with torch.no_grad():
+        cache = output_cache(model(**batch, use_cache=True))
+    assert [isinstance(layer, MoDCacheLayer) and layer.empty for layer in cache.layers] == [True, False, True, False]
+    assert [e.tolist() for e in kv_entries(cache, batch["attention_mask"])] == report.kept_per_layer
+    tokens = prompt_tokens_per_layer(cache, batch["attention_mask"])
+    assert [t.tolist() for t in tokens] == report.kept_per_layer
+    per_entry = 2 * cache.layers[1].keys.shape[1] * cache.layers[1].keys.shape[-1] * 4  # fp32 K and V
+    assert prompt_kv_bytes(cache, tokens) == [2 * real * per_entry] * 2

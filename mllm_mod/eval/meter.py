@@ -120,7 +120,9 @@ def prompt_tokens_per_layer(cache, attention_mask: torch.Tensor) -> list[torch.T
     real = attention_mask.bool().sum(dim=1).cpu()  # [B]
     out = []
     for layer in cache.layers:
-        if isinstance(layer, MoDCacheLayer):
+        if isinstance(layer, MoDCacheLayer) and layer.empty:  # kept nothing (a threshold rule can)
+            out.append(torch.zeros_like(real))
+        elif isinstance(layer, MoDCacheLayer):
             held = (layer.valid & (layer.index < prompt_len)).sum(dim=1).cpu()  # [B]
             dropped = layer.dropped() if layer.window is not None else 0
             out.append(held + (dropped.cpu() if isinstance(dropped, torch.Tensor) else dropped))
@@ -135,8 +137,9 @@ def prompt_kv_bytes(cache, entries_per_layer: Sequence[torch.Tensor]) -> list[in
     entry's K and V."""
     total = torch.zeros_like(entries_per_layer[0])  # [B]
     for layer, entries in zip(cache.layers, entries_per_layer):
-        keys = layer.keys  # [B, Hkv, S, hd]
-        total += entries * (2 * keys.shape[1] * keys.shape[-1] * keys.element_size())  # K and V of one token
+        keys = layer.keys  # [B, Hkv, S, hd]; None in a layer that kept no token (then `entries` are 0)
+        if keys is not None:
+            total += entries * (2 * keys.shape[1] * keys.shape[-1] * keys.element_size())  # K and V of one token
     return [int(x) for x in total]
 
 
