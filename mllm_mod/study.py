@@ -645,8 +645,13 @@ class Study:
         from .eval.baselines import DropSpec, apply_baseline
         from .retrofit import retrofit
 
+        from transformers import set_seed
+
         s = self.settings
         print(f"\n== seed {seed}, arm {arm}")
+        # what an arm draws before its Trainer seeds (gmod's router init) must not depend on the arms that
+        # ran before it in this process: a resumed or parallel study then gives the same arm
+        set_seed(seed)
         base_dir = self.seed_dir(seed) / "base"
         dense_dir = self.seed_dir(seed) / "dense_model"
         source = dense_dir if arm in TRAINING_FREE_ARMS else base_dir
