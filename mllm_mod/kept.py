@@ -110,10 +110,10 @@ def routing_recall(
         for b, record in enumerate(records[: max_images - seen]):
             with Image.open(os.path.join(image_folder, record["image"])) as image:
                 picture = np.asarray(image.convert("RGB"))
-            question = record["conversations"][0]["value"]
+            rgb = named_color(record["conversations"][0]["value"], COLORS)
+            objects, named = patch_masks(picture, next(iter(kept.values())).shape[1], BACKGROUND, rgb)  # once per picture
             for idx, mask in kept.items():
                 keep = mask[b].numpy()  # [N]
-                objects, named = patch_masks(picture, keep.shape[0], BACKGROUND, named_color(question, COLORS))
                 counts = [keep.sum(), keep.size, (keep & objects).sum(), objects.sum(), (keep & named).sum(), named.sum()]
                 totals[idx] = totals.get(idx, np.zeros(6)) + np.asarray(counts, dtype=np.float64)
         seen += min(len(records), max_images - seen)

@@ -640,12 +640,10 @@ class Study:
         return DecoderShape.from_config(adapter_for(model).text_config(model.config))
 
     def run_arm(self, seed: int, arm: str, processor, eval_set: EvalSet) -> dict[str, Any]:
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText, set_seed
 
         from .eval.baselines import DropSpec, apply_baseline
         from .retrofit import retrofit
-
-        from transformers import set_seed
 
         s = self.settings
         print(f"\n== seed {seed}, arm {arm}")
